@@ -1,0 +1,87 @@
+"""Database engines and sessions.
+
+SQLite runs in WAL mode with a busy timeout and foreign keys on, so several
+worker processes can write one file. The embedded SQLite default migrates itself
+on first use; PostgreSQL is migrated once with ``mlpq db upgrade``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.settings import get_settings
+
+# Seconds a SQLite writer waits for the lock before "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
+    # Autocommit off at the driver level; SQLAlchemy emits BEGIN (IMMEDIATE) itself.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _sqlite_begin(conn) -> None:  # noqa: ANN001
+    # BEGIN IMMEDIATE takes the write lock up front, so two writers queue on the
+    # busy timeout instead of failing with "database is locked" on lock upgrade.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, **kwargs: object) -> Engine:
+    """Create an engine for ``url`` with the store's connection settings."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}, **kwargs
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(url, **kwargs)
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+@lru_cache(maxsize=8)
+def _engine_for(url: str, pid: int) -> Engine:
+    engine = make_engine(url)
+    if is_sqlite(engine):
+        from service.migrate import upgrade  # noqa: PLC0415 - migrations import the models
+
+        upgrade(engine)
+    return engine
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The process's engine for ``url`` (default: the settings' store).
+
+    A SQLite store is migrated to the newest schema on first use, so a new user
+    runs nothing extra. Engines are per process: a forked worker gets its own.
+    """
+    return _engine_for(url or get_settings().database_url, os.getpid())
+
+
+@contextmanager
+def session_scope(engine: Engine | None = None) -> Iterator[Session]:
+    """A session in one transaction: committed on success, rolled back on error."""
+    factory = sessionmaker(engine or get_engine(), expire_on_commit=False)
+    with factory.begin() as session:
+        yield session

@@ -1,0 +1,119 @@
+"""One settings object, read from ``MLPQ_*`` environment variables and validated once.
+
+Defaults need no server: the store is a SQLite file and the queue is kombu's
+``filesystem://`` transport, both under ``MLPQ_HOME`` (``./.mlpq`` in the current
+directory, like MLflow's ``./mlruns``). Point ``MLPQ_DATABASE_URL`` at PostgreSQL
+and ``MLPQ_BROKER_URL`` at Redis to run a cluster.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from service.exceptions import SettingsError
+
+DATABASE_SCHEMES = ("sqlite", "postgresql")
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp", "filesystem")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MLPQ_", extra="ignore", frozen=True)
+
+    # Folder for the embedded store and queue; relative paths are taken from the cwd.
+    home: Path = Path(".mlpq")
+    # SQLAlchemy URL of the store; None -> sqlite:///<home>/mlpq.db, created and migrated on first use.
+    database_url: str | None = None
+    # Celery broker URL; None -> embedded kombu filesystem:// queue under <home>/queue (no server).
+    broker_url: str | None = None
+    # Seconds between a running run's heartbeats.
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    # Seconds between checkpoints of a running run (parameters, optimizer and RNG state).
+    checkpoint_seconds: float = Field(30.0, gt=0)
+    # A running run whose heartbeat is older than this is stale: its worker is presumed dead.
+    stale_seconds: float = Field(120.0, gt=0)
+    # Attempts a run gets (claims by a worker) before it is marked failed.
+    max_attempts: int = Field(3, ge=1)
+    # Hard time limit of one train task in seconds; the broker's visibility timeout is larger.
+    task_time_limit: int = Field(6 * 3600, ge=1)
+    # Grids larger than this need --yes to be submitted.
+    max_grid_runs: int = Field(10_000, ge=1)
+    # Metric rows buffered by a worker before they are written in one batch.
+    metrics_batch_rows: int = Field(500, ge=1)
+    # Seconds a worker may hold metric rows before it writes them.
+    metrics_flush_seconds: float = Field(2.0, gt=0)
+    # Tasks a worker child process runs before it is replaced (bounds leaks).
+    worker_max_tasks_per_child: int = Field(1000, ge=1)
+    # Seconds between polls of the embedded filesystem queue (kombu's default of 1 s is slow).
+    polling_interval: float = Field(0.01, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(f"expected a sqlite:/// or postgresql:// URL, got {value!r}") from None
+        backend = url.get_backend_name()
+        if backend not in DATABASE_SCHEMES:
+            raise ValueError(f"expected a sqlite:/// or postgresql:// URL, got {value!r}")
+        if backend == "postgresql" and url.drivername == "postgresql":
+            # psycopg 3 is the driver we ship; plain postgresql:// would ask for psycopg2.
+            value = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in BROKER_SCHEMES:
+            expected = ", ".join(f"{s}://" for s in BROKER_SCHEMES)
+            raise ValueError(f"expected a URL starting with one of {expected}; got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if self.database_url is None:
+            object.__setattr__(self, "database_url", f"sqlite:///{self.home / 'mlpq.db'}")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when no broker server is configured and the filesystem queue is used."""
+        return self.broker_url is None
+
+    @property
+    def queue_dir(self) -> Path:
+        """Folder of the embedded filesystem queue."""
+        return self.home / "queue"
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = "MLPQ_" + "_".join(str(p) for p in err["loc"]).upper()
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    return f"{key}: {msg} (got {value!r})" if "got" not in msg else f"{key}: {msg}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings; a bad value raises SettingsError with one line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_one_line(exc)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
