@@ -11,7 +11,7 @@ from service.exceptions import MlpqError
 
 app = typer.Typer(
     name="mlpq",
-    help="Submit grids of MLP training runs, train them on Celery workers, query the results in SQL.",
+    help="Submit grids of MLP training runs, train them on Celery workers, query results in SQL.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -23,8 +23,24 @@ for module in (submit, runs, experiments, sql):
 
 def main() -> None:
     """Console-script entry point."""
+    from kombu.exceptions import OperationalError as BrokerOperationalError
+    from sqlalchemy.exc import OperationalError as DatabaseOperationalError
+
     try:
         app()
     except MlpqError as exc:
-        print(f"mlpq: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
+    except DatabaseOperationalError as exc:
+        _fail(f"database: cannot use the store: {_first_line(exc.orig)}", 1)
+    except BrokerOperationalError as exc:
+        _fail(f"broker: cannot reach the message broker: {_first_line(exc)}", 1)
+
+
+def _first_line(exc: object) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"mlpq: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -15,7 +15,7 @@ from rich.table import Table
 from service.exceptions import MlpqError
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
@@ -26,7 +26,7 @@ class SqlError(MlpqError):
 
 
 def sql(
-    query: Annotated[str, typer.Argument(help="The SQL statement; '-' reads it from standard input.")],
+    query: Annotated[str, typer.Argument(help="The SQL statement; '-' reads stdin.")],
     fmt: Annotated[
         OutputFormat, typer.Option("--format", "-f", help="How to print the rows.")
     ] = OutputFormat.table,

@@ -23,7 +23,7 @@ from service.settings import get_settings
 SQLITE_BUSY_TIMEOUT_S = 60
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # Autocommit off at the driver level; SQLAlchemy emits BEGIN (IMMEDIATE) itself.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
@@ -34,7 +34,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connec
     cur.close()
 
 
-def _sqlite_begin(conn) -> None:  # noqa: ANN001
+def _sqlite_begin(conn) -> None:
     # BEGIN IMMEDIATE takes the write lock up front, so two writers queue on the
     # busy timeout instead of failing with "database is locked" on lock upgrade.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -47,7 +47,9 @@ def make_engine(url: str, **kwargs: object) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}, **kwargs
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            **kwargs,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
@@ -64,7 +66,7 @@ def is_sqlite(engine: Engine) -> bool:
 def _engine_for(url: str, pid: int) -> Engine:
     engine = make_engine(url)
     if is_sqlite(engine):
-        from service.migrate import upgrade  # noqa: PLC0415 - migrations import the models
+        from service.migrate import upgrade
 
         upgrade(engine)
     return engine

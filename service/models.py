@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -47,7 +47,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(enum.StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -60,12 +60,14 @@ class RunStatus(str, enum.Enum):
         return self in FINISHED
 
 
-FINISHED = frozenset({RunStatus.succeeded, RunStatus.failed, RunStatus.diverged, RunStatus.cancelled})
+FINISHED = frozenset(
+    {RunStatus.succeeded, RunStatus.failed, RunStatus.diverged, RunStatus.cancelled}
+)
 
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map: ClassVar = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
 
 
 class Experiment(Base):
@@ -165,7 +167,7 @@ metrics = Table(
 )
 
 
-class ArtifactKind(str, enum.Enum):
+class ArtifactKind(enum.StrEnum):
     weights = "weights"
     checkpoint = "checkpoint"
 

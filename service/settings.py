@@ -27,7 +27,7 @@ class Settings(BaseSettings):
 
     # Folder for the embedded store and queue; relative paths are taken from the cwd.
     home: Path = Path(".mlpq")
-    # SQLAlchemy URL of the store; None -> sqlite:///<home>/mlpq.db, created and migrated on first use.
+    # Store URL; None -> sqlite:///<home>/mlpq.db, created and migrated on first use.
     database_url: str | None = None
     # Celery broker URL; None -> embedded kombu filesystem:// queue under <home>/queue (no server).
     broker_url: str | None = None
