@@ -8,9 +8,9 @@ on first use; PostgreSQL is migrated once with ``mlpq db upgrade``.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -62,14 +62,11 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-@lru_cache(maxsize=8)
-def _engine_for(url: str, pid: int) -> Engine:
-    engine = make_engine(url)
-    if is_sqlite(engine):
-        from service.migrate import upgrade
-
-        upgrade(engine)
-    return engine
+# Engines handed out by get_engine, per (url, pid): a forked child never reuses its
+# parent's pooled connections. A dict rather than lru_cache so dispose_engines can
+# close them (tests drop their stores; eviction would leak open connections).
+_ENGINES: dict[tuple[str, int], Engine] = {}
+_ENGINES_LOCK = threading.Lock()
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -78,7 +75,32 @@ def get_engine(url: str | None = None) -> Engine:
     A SQLite store is migrated to the newest schema on first use, so a new user
     runs nothing extra. Engines are per process: a forked worker gets its own.
     """
-    return _engine_for(url or get_settings().database_url, os.getpid())
+    key = (url or get_settings().database_url, os.getpid())
+    engine = _ENGINES.get(key)
+    if engine is None:
+        with _ENGINES_LOCK:
+            engine = _ENGINES.get(key)
+            if engine is None:
+                engine = make_engine(key[0])
+                if is_sqlite(engine):
+                    from service.migrate import upgrade
+
+                    upgrade(engine)
+                _ENGINES[key] = engine
+    return engine
+
+
+def dispose_engines() -> None:
+    """Close every engine get_engine handed out and forget it (the next call makes a new one).
+
+    Engines inherited from a parent process are dropped without closing the
+    parent's connections.
+    """
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.items())
+        _ENGINES.clear()
+    for (_url, pid), engine in engines:
+        engine.dispose(close=pid == os.getpid())
 
 
 @contextmanager

@@ -1,0 +1,123 @@
+"""The schema comes from Alembic migrations alone and matches the models, on both backends."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, text
+
+from service.db import make_engine
+from service.exceptions import StoreError
+from service.migrate import current_revision, downgrade, head_revision, include_object, upgrade
+from service.models import Base
+from service.queries import VIEWS
+
+TABLES = {"experiments", "runs", "metrics", "artifacts", "datasets"}
+
+
+def schema_diff(engine: Engine) -> list:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "include_object": include_object}
+        )
+        return compare_metadata(context, Base.metadata)
+
+
+def test_migrating_an_empty_store_yields_exactly_the_models(store_engine: Engine) -> None:
+    assert current_revision(store_engine) == head_revision()
+    assert schema_diff(store_engine) == []
+    inspector = inspect(store_engine)
+    assert set(inspector.get_table_names()) == TABLES | {"alembic_version"}
+    assert set(inspector.get_view_names()) == set(VIEWS)
+
+
+def test_downgrade_to_base_then_upgrade_round_trips(store_engine: Engine) -> None:
+    downgrade(store_engine, "base")
+    assert current_revision(store_engine) is None
+    inspector = inspect(store_engine)
+    assert set(inspector.get_table_names()) <= {"alembic_version"}
+    assert inspector.get_view_names() == []
+    upgrade(store_engine)
+    assert current_revision(store_engine) == head_revision()
+    assert schema_diff(store_engine) == []
+    assert set(inspect(store_engine).get_view_names()) == set(VIEWS)
+
+
+def test_schema_comparison_notices_a_missing_index(store_engine: Engine) -> None:
+    # Guards the two tests above: the comparison must be able to see a drift.
+    with store_engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_runs_config_hash"))
+    diff = schema_diff(store_engine)
+    assert [d[0] for d in diff] == ["add_index"]
+    assert diff[0][1].name == "ix_runs_config_hash"
+
+
+def test_upgrade_when_at_head_changes_nothing(store_engine: Engine) -> None:
+    with store_engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO experiments (name, spec, created_at) VALUES ('e', '{}', :t)"),
+            {"t": "2024-01-01 00:00:00"},
+        )
+    upgrade(store_engine)
+    with store_engine.connect() as conn:
+        assert conn.execute(text("SELECT name FROM experiments")).scalars().all() == ["e"]
+
+
+def test_postgres_tables_and_version_table_land_in_the_tests_own_schema(
+    pg_store_url: str,
+) -> None:
+    engine = make_engine(pg_store_url)
+    try:
+        with engine.connect() as conn:
+            schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+            rows = conn.execute(
+                text(
+                    "SELECT table_name, table_type FROM information_schema.tables "
+                    "WHERE table_schema = :s"
+                ),
+                {"s": schema},
+            ).all()
+    finally:
+        engine.dispose()
+    assert schema.startswith("mlpq_test_")
+    found = {name: kind for name, kind in rows}
+    assert {n for n, k in found.items() if k == "BASE TABLE"} == TABLES | {"alembic_version"}
+    assert {n for n, k in found.items() if k == "VIEW"} == set(VIEWS)
+
+
+def test_upgrade_to_an_unknown_revision_is_one_line_store_error(sqlite_store_url: str) -> None:
+    engine = make_engine(sqlite_store_url)
+    try:
+        with pytest.raises(StoreError) as info:
+            upgrade(engine, "nosuchrevision")
+    finally:
+        engine.dispose()
+    assert "cannot migrate" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def _first_use(url: str) -> str | None:
+    from service.db import get_engine
+
+    return current_revision(get_engine(url))
+
+
+def test_processes_starting_at_once_on_a_new_sqlite_store_migrate_it_once(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh' / 'mlpq.db'}"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        revisions = pool.map(_first_use, [url] * 4)
+    assert revisions == [head_revision()] * 4
+    engine = make_engine(url)
+    try:
+        assert schema_diff(engine) == []
+        with engine.connect() as conn:
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+        assert len(versions) == 1
+    finally:
+        engine.dispose()
