@@ -1,0 +1,563 @@
+"""The run lifecycle in SQL: claim, heartbeat, checkpoint, finish, cancel, retry, reap.
+
+Every state change is one guarded UPDATE, so two workers (or two reapers) racing
+on one run cannot both win: a worker owns a run while ``(worker, attempt)`` in
+the row are its own, and every write it makes (metrics, checkpoint, result)
+checks that in the same transaction. A worker that lost its run (it was too slow
+to heartbeat and another worker took over, or the run was cancelled or reset)
+writes nothing more.
+
+Times are Python UTC timestamps, so every comparison uses one clock per writer;
+``stale_seconds`` should be far above the clock skew between machines.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.exceptions import NotFoundError
+from service.models import (
+    FINISHED,
+    SUMMARY_COLUMNS,
+    Artifact,
+    ArtifactKind,
+    Experiment,
+    Run,
+    RunStatus,
+    metrics,
+    utcnow,
+)
+
+# Stored in runs.error when a run used up its attempts without finishing.
+ATTEMPTS_EXHAUSTED = (
+    "gave up after {n} attempt(s): the worker running it stopped (killed, out of memory, "
+    "lost machine or time limit) before it finished each time"
+)
+
+
+def worker_identity() -> str:
+    """``host:pid`` of this process: what ``runs.worker`` holds while it trains a run."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True when ``owner`` (``host:pid``) is a process of this machine that no longer runs.
+
+    Lets a worker take over at once a run whose previous worker process was
+    killed on this machine (its message is redelivered immediately), instead of
+    waiting for the heartbeat to go stale. Owners on other machines are never
+    judged here: the stale heartbeat decides for them.
+    """
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid_text = owner.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        # A killed child stays a zombie until its parent reaps it.
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A run this worker now owns."""
+
+    run_id: int
+    attempt: int
+    worker: str
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a message was dropped without training."""
+
+    run_id: int
+    reason: str
+
+
+def _claim_values(worker: str, now: datetime) -> dict[str, Any]:
+    return {
+        "status": RunStatus.running,
+        "attempt": Run.attempt + 1,
+        "worker": worker,
+        "heartbeat_at": now,
+        "started_at": func.coalesce(Run.started_at, now),
+        "published": True,
+    }
+
+
+def claim_run(
+    *,
+    session: Session,
+    run_id: int,
+    worker: str,
+    stale_seconds: float,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> Claim | Refusal:
+    """Take ``run_id`` for ``worker`` if nobody else may be training it.
+
+    A run is claimable when it is queued, or running with a heartbeat older than
+    ``stale_seconds`` (or whose owner process is known dead on this machine). The
+    common case is one UPDATE ... RETURNING; only a refused claim reads the row
+    to say why (and fails a run that used up ``max_attempts``, or cancels a
+    stale run whose cancel was requested).
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=stale_seconds)
+    claimable = or_(
+        Run.status == RunStatus.queued,
+        and_(Run.status == RunStatus.running, Run.heartbeat_at < cutoff),
+    )
+    row = session.execute(
+        update(Run)
+        .where(Run.id == run_id, claimable, Run.attempt < max_attempts, ~Run.cancel_requested)
+        .values(_claim_values(worker, now))
+        .returning(Run.attempt, Run.config)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is not None:
+        return Claim(run_id=run_id, attempt=row.attempt, worker=worker, config=row.config)
+
+    seen = session.execute(
+        select(Run.status, Run.attempt, Run.worker, Run.heartbeat_at, Run.cancel_requested).where(
+            Run.id == run_id
+        )
+    ).first()
+    if seen is None:
+        return Refusal(run_id, f"run {run_id} does not exist")
+    status = RunStatus(seen.status)
+    if status in FINISHED:
+        return Refusal(run_id, f"run {run_id} is already {status.value}")
+    heartbeat = _aware(seen.heartbeat_at)
+    owner_gone = status is RunStatus.queued or (
+        heartbeat is None or heartbeat < cutoff or owner_is_dead(seen.worker)
+    )
+    if not owner_gone:
+        age = (now - heartbeat).total_seconds()
+        return Refusal(
+            run_id, f"run {run_id} is running on {seen.worker} (heartbeat {age:.1f}s ago)"
+        )
+    # Compare-and-set on what was read: if anyone changed the row since, this matches nothing.
+    same_row = update(Run).where(
+        Run.id == run_id,
+        Run.status == status,
+        Run.attempt == seen.attempt,
+        Run.worker.is_(None) if seen.worker is None else Run.worker == seen.worker,
+    )
+    if seen.cancel_requested:
+        values: dict[str, Any] = {"status": RunStatus.cancelled, "finished_at": now}
+        outcome = f"run {run_id} was cancelled while its worker was gone; marked cancelled"
+    elif seen.attempt >= max_attempts:
+        values = {
+            "status": RunStatus.failed,
+            "finished_at": now,
+            "error": ATTEMPTS_EXHAUSTED.format(n=seen.attempt),
+        }
+        outcome = f"run {run_id} used up {seen.attempt} attempt(s); marked failed"
+    else:
+        row = session.execute(
+            same_row.values(_claim_values(worker, now))
+            .returning(Run.attempt, Run.config)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if row is None:
+            return Refusal(run_id, f"run {run_id} was claimed by another worker meanwhile")
+        return Claim(run_id=run_id, attempt=row.attempt, worker=worker, config=row.config)
+    session.execute(same_row.values(values).execution_options(synchronize_session=False))
+    return Refusal(run_id, outcome)
+
+
+class Beat(enum.StrEnum):
+    """What a heartbeat learned."""
+
+    owned = "owned"  # keep training
+    cancel = "cancel"  # cancel requested: stop and keep what was trained
+    lost = "lost"  # another worker owns the run now (or it was reset): stop, write nothing
+
+
+def heartbeat(
+    *, session: Session, run_id: int, worker: str, attempt: int, now: datetime | None = None
+) -> Beat:
+    """Refresh the heartbeat of a run this worker owns and say whether to go on."""
+    row = session.execute(
+        update(Run)
+        .where(
+            Run.id == run_id,
+            Run.worker == worker,
+            Run.attempt == attempt,
+            Run.status == RunStatus.running,
+        )
+        .values(heartbeat_at=now or utcnow())
+        .returning(Run.cancel_requested)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        return Beat.lost
+    return Beat.cancel if row.cancel_requested else Beat.owned
+
+
+def npz_shapes(data: bytes) -> dict[str, list[int]]:
+    """``{"W0": [2, 16], ...}`` of an npz archive, read from its headers only."""
+    import numpy as np
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        shapes: dict[str, list[int]] = {}
+        for name in archive.files:
+            # Reading the array is cheap at our sizes and avoids npz header internals.
+            value = archive[name]
+            shapes[name] = list(value.shape)
+        return shapes
+
+
+def _put_artifact(
+    session: Session, *, run_id: int, kind: ArtifactKind, data: bytes, step: int | None
+) -> None:
+    session.execute(delete(Artifact).where(Artifact.run_id == run_id, Artifact.kind == kind))
+    session.execute(
+        insert(Artifact).values(
+            run_id=run_id,
+            kind=kind,
+            format="npz",
+            shapes=npz_shapes(data),
+            step=step,
+            data=data,
+            size=len(data),
+            created_at=utcnow(),
+        )
+    )
+
+
+def save_progress(
+    *,
+    session: Session,
+    run_id: int,
+    worker: str,
+    attempt: int,
+    records: Sequence[dict[str, Any]],
+    checkpoint: bytes | None = None,
+    checkpoint_step: int | None = None,
+) -> Beat:
+    """Heartbeat, write buffered metric rows and optionally the checkpoint, in one transaction.
+
+    The ownership check comes first: a worker that lost the run writes nothing.
+    Metrics are written before the checkpoint, so a stored checkpoint never holds
+    a step whose metrics are missing.
+    """
+    from service.ingest import write_metrics
+
+    beat = heartbeat(session=session, run_id=run_id, worker=worker, attempt=attempt)
+    if beat is Beat.lost:
+        return beat
+    if records:
+        write_metrics(session.connection(), run_id, records)
+    if checkpoint is not None:
+        _put_artifact(
+            session,
+            run_id=run_id,
+            kind=ArtifactKind.checkpoint,
+            data=checkpoint,
+            step=checkpoint_step,
+        )
+    return beat
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a reclaimed run starts again."""
+
+    checkpoint: bytes | None
+    step: int  # last step the checkpoint holds; 0 = start over
+
+
+def prepare_resume(*, session: Session, run_id: int) -> Resume:
+    """The run's last checkpoint, with metric rows after it deleted.
+
+    Rows after the checkpoint came from a worker that died before its next
+    checkpoint; the resumed training writes those steps again.
+    """
+    row = session.execute(
+        select(Artifact.data, Artifact.step).where(
+            Artifact.run_id == run_id, Artifact.kind == ArtifactKind.checkpoint
+        )
+    ).first()
+    step = int(row.step or 0) if row is not None else 0
+    session.execute(delete(metrics).where(metrics.c.run_id == run_id, metrics.c.step > step))
+    return Resume(checkpoint=row.data if row is not None else None, step=step)
+
+
+def record_resume(*, session: Session, run_id: int, worker: str, attempt: int, step: int) -> None:
+    """Note in the run row the step a reclaimed run resumed from."""
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.worker == worker, Run.attempt == attempt)
+        .values(resumed_from_step=step)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def finish_run(
+    *,
+    session: Session,
+    run_id: int,
+    worker: str,
+    attempt: int,
+    status: RunStatus,
+    records: Sequence[dict[str, Any]] = (),
+    weights: bytes | None = None,
+    summary: dict[str, Any] | None = None,
+    stop_reason: str | None = None,
+    error: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Write a run's outcome in one transaction: status, summary, last metrics, weights.
+
+    Returns False (and writes nothing) when this worker no longer owns the run.
+    The checkpoint is deleted: a finished run is never resumed.
+    """
+    from service.ingest import write_metrics
+
+    values: dict[str, Any] = {
+        "status": status,
+        "finished_at": now or utcnow(),
+        "heartbeat_at": now or utcnow(),
+        "stop_reason": stop_reason,
+        "error": error,
+    }
+    for name in SUMMARY_COLUMNS:
+        if summary and name in summary:
+            values[name] = summary[name]
+    row = session.execute(
+        update(Run)
+        .where(
+            Run.id == run_id,
+            Run.worker == worker,
+            Run.attempt == attempt,
+            Run.status == RunStatus.running,
+        )
+        .values(values)
+        .returning(Run.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        return False
+    if records:
+        write_metrics(session.connection(), run_id, records)
+    session.execute(
+        delete(Artifact).where(Artifact.run_id == run_id, Artifact.kind == ArtifactKind.checkpoint)
+    )
+    if weights is not None:
+        _put_artifact(session, run_id=run_id, kind=ArtifactKind.weights, data=weights, step=None)
+    return True
+
+
+# --- experiment-level operations (cancel, retry, reap) --------------------------------
+
+
+def get_experiment(*, session: Session, name: str) -> Experiment:
+    """The experiment called ``name`` (or with id ``name``); NotFoundError otherwise."""
+    exp = session.execute(select(Experiment).where(Experiment.name == name)).scalar_one_or_none()
+    if exp is None and name.isdigit():
+        exp = session.get(Experiment, int(name))
+    if exp is None:
+        raise NotFoundError(f"experiment: no experiment named {name!r} (see `mlpq ls`)")
+    return exp
+
+
+def status_counts(*, session: Session, experiment_id: int) -> dict[RunStatus, int]:
+    """Number of runs of the experiment in each status (every status present as a key)."""
+    counts = dict.fromkeys(RunStatus, 0)
+    rows = session.execute(
+        select(Run.status, func.count())
+        .where(Run.experiment_id == experiment_id)
+        .group_by(Run.status)
+    )
+    for status, n in rows:
+        counts[RunStatus(status)] = n
+    return counts
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    cancelled: int  # queued runs now cancelled (they will never start)
+    requested: int  # running runs asked to stop at their next heartbeat
+
+
+def cancel_experiment(
+    *, session: Session, experiment_id: int, now: datetime | None = None
+) -> CancelResult:
+    """Cancel every unfinished run of an experiment.
+
+    Queued runs become cancelled at once (a worker that receives their message
+    drops it); running runs get ``cancel_requested`` and their worker stops them
+    at its next heartbeat, keeping the metrics written so far.
+    """
+    now = now or utcnow()
+    queued = session.execute(
+        update(Run)
+        .where(Run.experiment_id == experiment_id, Run.status == RunStatus.queued)
+        .values(status=RunStatus.cancelled, finished_at=now, stop_reason="cancelled")
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    running = session.execute(
+        update(Run)
+        .where(
+            Run.experiment_id == experiment_id,
+            Run.status == RunStatus.running,
+            ~Run.cancel_requested,
+        )
+        .values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return CancelResult(cancelled=queued, requested=running)
+
+
+_RESET_RESULT: dict[str, Any] = {
+    "status": RunStatus.queued,
+    "published": False,
+    "attempt": 0,
+    "worker": None,
+    "heartbeat_at": None,
+    "started_at": None,
+    "finished_at": None,
+    "cancel_requested": False,
+    "resumed_from_step": None,
+    "stop_reason": None,
+    "error": None,
+    **dict.fromkeys(SUMMARY_COLUMNS),
+}
+
+
+def reset_finished(
+    *, session: Session, experiment_id: int, statuses: Sequence[RunStatus]
+) -> list[int]:
+    """Put finished runs with one of ``statuses`` back in the queue, to start over.
+
+    Their metrics and artifacts are deleted: a failed or diverged run resumed
+    from its checkpoint would most likely fail the same way, and a fresh start
+    keeps "one run = one training" true in the store. Returns their ids (still
+    to be published).
+    """
+    if not statuses:
+        return []
+    ids = list(
+        session.execute(
+            update(Run)
+            .where(Run.experiment_id == experiment_id, Run.status.in_(list(statuses)))
+            .values(_RESET_RESULT)
+            .returning(Run.id)
+            .execution_options(synchronize_session=False)
+        ).scalars()
+    )
+    if ids:
+        session.execute(delete(metrics).where(metrics.c.run_id.in_(ids)))
+        session.execute(delete(Artifact).where(Artifact.run_id.in_(ids)))
+    return ids
+
+
+@dataclass(frozen=True)
+class ReapResult:
+    requeued: list[int]  # stale runs back in the queue (still to be published)
+    failed: int  # stale runs that used up their attempts
+    cancelled: int  # stale runs whose cancel had been requested
+
+
+def reap_stale(
+    *,
+    session: Session,
+    stale_seconds: float,
+    max_attempts: int,
+    experiment_id: int | None = None,
+    now: datetime | None = None,
+) -> ReapResult:
+    """Find running runs whose heartbeat is older than ``stale_seconds`` and settle them.
+
+    Their worker is presumed dead and their message may be gone (embedded queue,
+    lost broker data), so they go back to the queue with their checkpoint kept
+    (the next worker resumes it), unless they used up their attempts (failed) or
+    were asked to cancel (cancelled). Each run is moved by one UPDATE ...
+    RETURNING, so of two reapers racing only one gets (and publishes) it.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=stale_seconds)
+    stale = [Run.status == RunStatus.running, Run.heartbeat_at < cutoff]
+    if experiment_id is not None:
+        stale.append(Run.experiment_id == experiment_id)
+    cancelled = session.execute(
+        update(Run)
+        .where(*stale, Run.cancel_requested)
+        .values(status=RunStatus.cancelled, finished_at=now, stop_reason="cancelled")
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    failed = session.execute(
+        update(Run)
+        .where(*stale, Run.attempt >= max_attempts)
+        .values(
+            status=RunStatus.failed,
+            finished_at=now,
+            error=ATTEMPTS_EXHAUSTED.format(n=max_attempts),
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    requeued = list(
+        session.execute(
+            update(Run)
+            .where(*stale)
+            .values(status=RunStatus.queued, published=False, worker=None, heartbeat_at=None)
+            .returning(Run.id)
+            .execution_options(synchronize_session=False)
+        ).scalars()
+    )
+    return ReapResult(requeued=sorted(requeued), failed=failed, cancelled=cancelled)
+
+
+def unpublished(
+    *,
+    session: Session,
+    experiment_id: int | None = None,
+    older_than: float | None = None,
+    now: datetime | None = None,
+) -> list[int]:
+    """Ids of queued runs whose message was never handed to the broker.
+
+    ``older_than`` (seconds since the run was created) skips runs a submitter
+    may be publishing right now.
+    """
+    cond = [Run.status == RunStatus.queued, ~Run.published]
+    if experiment_id is not None:
+        cond.append(Run.experiment_id == experiment_id)
+    if older_than is not None:
+        cond.append(Run.created_at < (now or utcnow()) - timedelta(seconds=older_than))
+    return list(session.execute(select(Run.id).where(*cond).order_by(Run.id)).scalars())
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes (stored in UTC); PostgreSQL aware ones.
+    if value is None or value.tzinfo is not None:
+        return value
+    from datetime import UTC
+
+    return value.replace(tzinfo=UTC)

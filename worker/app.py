@@ -1,0 +1,33 @@
+"""The worker's Celery app: ``celery -A worker.app worker`` (or ``mlpq worker``).
+
+This module holds the app and the worker process hooks; the tasks live in
+``worker.tasks``. One BLAS thread per worker process: a run is a small GEMM
+loop, and N prefork children each spawning a thread per core would oversubscribe
+the machine. The variables must be set before NumPy is first imported, which
+importing this module (celery's ``-A``) does before any task module.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from celery.signals import worker_process_init  # noqa: E402
+
+from service.celery_app import make_app  # noqa: E402
+from worker.reaper import Reaper  # noqa: E402
+
+app = make_app()
+app.conf.include = ["worker.tasks"]
+app.steps["worker"].add(Reaper)
+
+
+@worker_process_init.connect
+def _fresh_connections_in_child(**_: object) -> None:
+    # A forked child must not use the pooled connections it inherited from the
+    # parent (the reaper's): drop them without closing the parent's sockets.
+    from service.db import dispose_engines
+
+    dispose_engines()

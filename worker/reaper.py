@@ -1,0 +1,90 @@
+"""The stale-run reaper: a thread in every worker's main process.
+
+A run whose worker died keeps ``status=running`` with a heartbeat that stops
+moving. On Redis its message comes back after the visibility timeout (hours, to
+outlast the task time limit); on the embedded filesystem queue it is gone for
+good. So every worker's main process looks for stale runs every few seconds and
+re-enqueues them (``service.runs.reap_stale`` moves each run with one UPDATE ...
+RETURNING: of two reapers racing, only one gets and publishes it). Nobody has to
+notice a lost run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery, bootsteps
+
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("mlpq.reaper")
+
+
+def reap_interval(settings: Settings) -> float:
+    """Seconds between two sweeps: a quarter of the stale age, within [0.5, 30]."""
+    return min(30.0, max(0.5, settings.stale_seconds / 4))
+
+
+def reap_once(app: Celery, settings: Settings | None = None) -> list[int]:
+    """Settle stale runs and (re)publish them and long-unsent queued runs; returns the ids sent."""
+    from service.db import session_scope
+    from service.runs import reap_stale, unpublished
+    from service.submit import publish_runs
+
+    settings = settings or get_settings()
+    with session_scope() as session:
+        result = reap_stale(
+            session=session,
+            stale_seconds=settings.stale_seconds,
+            max_attempts=settings.max_attempts,
+        )
+        # Queued runs never handed to the broker (their submitter died mid-publish).
+        orphans = unpublished(session=session, older_than=settings.stale_seconds)
+    ids = sorted(set(result.requeued) | set(orphans))
+    if ids:
+        publish_runs(app, ids)
+    if ids or result.failed or result.cancelled:
+        log.warning(
+            "reaper: re-enqueued %d run(s) %s; %d used up their attempts (failed); %d cancelled",
+            len(ids),
+            ids[:20],
+            result.failed,
+            result.cancelled,
+        )
+    return ids
+
+
+class Reaper(bootsteps.StartStopStep):
+    """Worker bootstep running ``reap_once`` every ``reap_interval`` seconds in a thread."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: object, **kwargs: object) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, parent: object) -> None:
+        app = parent.app  # type: ignore[attr-defined]
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._loop, args=(app,), name="mlpq-reaper", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, parent: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self, app: Celery) -> None:
+        settings = get_settings()
+        interval = reap_interval(settings)
+        while not self._stop.wait(interval):
+            try:
+                reap_once(app, settings)
+            except Exception:
+                # A database or broker hiccup must not kill the thread; the next sweep retries.
+                log.exception("reaper: sweep failed")

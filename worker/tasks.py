@@ -1,0 +1,43 @@
+"""The Celery tasks. Thin, like web views: take an id, re-fetch state, call the service.
+
+Every message carries only a run id; everything else is read from SQL, so a
+message delivered twice, late, or after a cancel does no harm (the claim in
+``service.runs.claim_run`` decides).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from service.celery_app import REAP_TASK, TRAIN_TASK
+from service.settings import get_settings
+from worker.app import app
+from worker.training import execute_run
+
+log = logging.getLogger("mlpq.worker")
+
+#: Name of the no-op task (health checks, and the reference rate in bench/throughput.py).
+PING_TASK = "mlpq.ping"
+
+
+@app.task(name=TRAIN_TASK, ignore_result=True)
+def train(run_id: object) -> str:
+    """Train run ``run_id`` (claim, train, store); returns what became of it."""
+    if isinstance(run_id, bool) or not isinstance(run_id, int):
+        log.error("train: message dropped: run id must be an integer, got %r", run_id)
+        return "dropped"
+    outcome = execute_run(run_id=run_id, settings=get_settings())
+    return outcome.status
+
+
+@app.task(name=REAP_TASK, ignore_result=True)
+def reap_stale() -> list[int]:
+    """Re-enqueue runs whose worker died (the worker's reaper thread does this on its own)."""
+    from worker.reaper import reap_once
+
+    return reap_once(app)
+
+
+@app.task(name=PING_TASK, ignore_result=True)
+def ping() -> None:
+    """Do nothing."""

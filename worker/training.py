@@ -1,0 +1,233 @@
+"""One run, start to finish, on this worker: what the train task calls.
+
+Round trips for a run that finishes within one flush interval: the claim (one
+UPDATE), the final write (one transaction: status, summary, metrics, weights).
+Longer runs add one transaction per flush/heartbeat and per checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from service.db import get_engine, session_scope
+from service.models import Dataset as DatasetRow
+from service.models import RunStatus
+from service.runs import (
+    Beat,
+    Claim,
+    Refusal,
+    claim_run,
+    finish_run,
+    prepare_resume,
+    record_resume,
+    save_progress,
+    worker_identity,
+)
+from service.settings import Settings
+
+log = logging.getLogger("mlpq.worker")
+
+#: Run-config key (seconds) that bounds one run's training time; not a TrainConfig field.
+TIME_LIMIT_KEY = "time_limit"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message."""
+
+    run_id: int
+    status: str  # a RunStatus value, or "dropped" / "lost"
+    detail: str = ""
+
+
+def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -> Outcome:
+    """Claim ``run_id``, train it and store the result; never raises for a run's own failure."""
+    engine = get_engine(settings.database_url)
+    worker = worker or worker_identity()
+    with session_scope(engine) as session:
+        claim = claim_run(
+            session=session,
+            run_id=run_id,
+            worker=worker,
+            stale_seconds=settings.stale_seconds,
+            max_attempts=settings.max_attempts,
+        )
+    if isinstance(claim, Refusal):
+        log.info("run %d: message dropped: %s", run_id, claim.reason)
+        return Outcome(run_id, "dropped", claim.reason)
+    log.info("run %d: claimed by %s (attempt %d)", run_id, worker, claim.attempt)
+    session = _RunSession(claim, settings, engine)
+    try:
+        return session.train()
+    except Exception:
+        error = traceback.format_exc()
+        log.error("run %d: failed:\n%s", run_id, error)
+        return session.fail(error)
+
+
+class _RunSession:
+    """The worker's side of one claimed run: buffers, clocks and the writes."""
+
+    def __init__(self, claim: Claim, settings: Settings, engine: Engine) -> None:
+        self.claim = claim
+        self.settings = settings
+        self.engine = engine
+        self.buffer: list[dict[str, Any]] = []
+
+    def train(self) -> Outcome:
+        from engine import TrainConfig, Trainer
+
+        claim, settings = self.claim, self.settings
+        raw = dict(claim.config)
+        time_limit = raw.pop(TIME_LIMIT_KEY, None)
+        config = TrainConfig.from_dict(raw)
+        data = _load_data(config, self.engine)
+        state = None
+        if claim.attempt > 1:
+            state = self._resume()
+        trainer = Trainer(config, data, state=state)
+
+        start = time.monotonic()
+        next_flush = start + settings.metrics_flush_seconds
+        next_beat = start + settings.heartbeat_seconds
+        next_checkpoint = start + settings.checkpoint_seconds
+        deadline = start + float(time_limit) if time_limit else None
+        batch_rows = settings.metrics_batch_rows
+        stop_reason: str | None = None
+        status: RunStatus | None = None
+        for record in trainer.steps():
+            if record is not None:
+                self.buffer.append(record)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                status, stop_reason = RunStatus.succeeded, "time_limit"
+                break
+            checkpoint_due = now >= next_checkpoint
+            if not (
+                checkpoint_due
+                or now >= next_beat
+                or len(self.buffer) >= batch_rows
+                or (self.buffer and now >= next_flush)
+            ):
+                continue
+            checkpoint = trainer.checkpoint() if checkpoint_due else None
+            beat = self._save(checkpoint, trainer.step)
+            now = time.monotonic()
+            next_flush = now + settings.metrics_flush_seconds
+            next_beat = now + settings.heartbeat_seconds
+            if checkpoint_due:
+                next_checkpoint = now + settings.checkpoint_seconds
+            if beat is Beat.lost:
+                log.warning("run %d: no longer ours (reset or taken over); stopping", claim.run_id)
+                return Outcome(claim.run_id, "lost")
+            if beat is Beat.cancel:
+                status, stop_reason = RunStatus.cancelled, "cancelled"
+                break
+
+        result = trainer.result()
+        if status is None:
+            status, stop_reason = RunStatus(result.outcome), result.stop_reason
+        with session_scope(self.engine) as session:
+            owned = finish_run(
+                session=session,
+                run_id=claim.run_id,
+                worker=claim.worker,
+                attempt=claim.attempt,
+                status=status,
+                records=self.buffer,
+                weights=result.weights,
+                summary=result.summary,
+                stop_reason=stop_reason,
+            )
+        if not owned:
+            log.warning("run %d: finished but no longer ours; result discarded", claim.run_id)
+            return Outcome(claim.run_id, "lost")
+        log.info("run %d: %s (%s)", claim.run_id, status.value, stop_reason)
+        return Outcome(claim.run_id, status.value, stop_reason or "")
+
+    def fail(self, error: str) -> Outcome:
+        claim = self.claim
+        # Keep the buffered metrics if they can be written; they help explain the failure.
+        for records in (self.buffer, []):
+            try:
+                with session_scope(self.engine) as session:
+                    owned = finish_run(
+                        session=session,
+                        run_id=claim.run_id,
+                        worker=claim.worker,
+                        attempt=claim.attempt,
+                        status=RunStatus.failed,
+                        records=records,
+                        stop_reason="error",
+                        error=error,
+                    )
+                return Outcome(claim.run_id, "failed" if owned else "lost", error.splitlines()[-1])
+            except Exception:
+                log.exception("run %d: could not record the failure", claim.run_id)
+        return Outcome(claim.run_id, "lost", "could not record the failure")
+
+    def _resume(self) -> bytes | None:
+        claim = self.claim
+        with session_scope(self.engine) as session:
+            resume = prepare_resume(session=session, run_id=claim.run_id)
+            record_resume(
+                session=session,
+                run_id=claim.run_id,
+                worker=claim.worker,
+                attempt=claim.attempt,
+                step=resume.step,
+            )
+        log.info("run %d: resuming from step %d", claim.run_id, resume.step)
+        return resume.checkpoint
+
+    def _save(self, checkpoint: bytes | None, step: int) -> Beat:
+        claim = self.claim
+        with session_scope(self.engine) as session:
+            beat = save_progress(
+                session=session,
+                run_id=claim.run_id,
+                worker=claim.worker,
+                attempt=claim.attempt,
+                records=self.buffer,
+                checkpoint=checkpoint,
+                checkpoint_step=step if checkpoint is not None else None,
+            )
+        if beat is not Beat.lost:
+            self.buffer = []
+        return beat
+
+
+def _load_data(config: Any, engine: Engine) -> Any:
+    from engine import load_dataset
+
+    csv = None
+    if config.dataset.startswith("csv:"):
+        csv = _csv_bytes(config.dataset.removeprefix("csv:"), engine)
+    return load_dataset(
+        config.dataset,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        dtype=config.dtype,
+        csv=csv,
+        target=config.target,
+        task=config.task,
+    )
+
+
+@lru_cache(maxsize=8)
+def _csv_bytes(sha256: str, engine: Engine) -> bytes:
+    # Content-addressed, so a cached copy can never be out of date.
+    with session_scope(engine) as session:
+        data = session.execute(
+            select(DatasetRow.data).where(DatasetRow.sha256 == sha256)
+        ).scalar_one_or_none()
+    if data is None:
+        raise LookupError(f"dataset csv:{sha256} is not in the datasets table")
+    return data
