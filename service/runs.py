@@ -14,7 +14,6 @@ Times are Python UTC timestamps, so every comparison uses one clock per writer;
 from __future__ import annotations
 
 import enum
-import io
 import os
 import socket
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.exceptions import NotFoundError
@@ -220,37 +219,6 @@ def heartbeat(
     return Beat.cancel if row.cancel_requested else Beat.owned
 
 
-def npz_shapes(data: bytes) -> dict[str, list[int]]:
-    """``{"W0": [2, 16], ...}`` of an npz archive, read from its headers only."""
-    import numpy as np
-
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        shapes: dict[str, list[int]] = {}
-        for name in archive.files:
-            # Reading the array is cheap at our sizes and avoids npz header internals.
-            value = archive[name]
-            shapes[name] = list(value.shape)
-        return shapes
-
-
-def _put_artifact(
-    session: Session, *, run_id: int, kind: ArtifactKind, data: bytes, step: int | None
-) -> None:
-    session.execute(delete(Artifact).where(Artifact.run_id == run_id, Artifact.kind == kind))
-    session.execute(
-        insert(Artifact).values(
-            run_id=run_id,
-            kind=kind,
-            format="npz",
-            shapes=npz_shapes(data),
-            step=step,
-            data=data,
-            size=len(data),
-            created_at=utcnow(),
-        )
-    )
-
-
 def save_progress(
     *,
     session: Session,
@@ -267,21 +235,15 @@ def save_progress(
     Metrics are written before the checkpoint, so a stored checkpoint never holds
     a step whose metrics are missing.
     """
-    from service.ingest import write_metrics
+    from service.ingest import save_artifact, write_metrics
 
     beat = heartbeat(session=session, run_id=run_id, worker=worker, attempt=attempt)
     if beat is Beat.lost:
         return beat
     if records:
-        write_metrics(session.connection(), run_id, records)
+        write_metrics(session, run_id, records)
     if checkpoint is not None:
-        _put_artifact(
-            session,
-            run_id=run_id,
-            kind=ArtifactKind.checkpoint,
-            data=checkpoint,
-            step=checkpoint_step,
-        )
+        save_artifact(session, run_id, ArtifactKind.checkpoint, checkpoint, step=checkpoint_step)
     return beat
 
 
@@ -299,14 +261,12 @@ def prepare_resume(*, session: Session, run_id: int) -> Resume:
     Rows after the checkpoint came from a worker that died before its next
     checkpoint; the resumed training writes those steps again.
     """
-    row = session.execute(
-        select(Artifact.data, Artifact.step).where(
-            Artifact.run_id == run_id, Artifact.kind == ArtifactKind.checkpoint
-        )
-    ).first()
-    step = int(row.step or 0) if row is not None else 0
+    from service.ingest import load_artifact
+
+    stored = load_artifact(session, run_id, ArtifactKind.checkpoint)
+    step = int(stored.step or 0) if stored is not None else 0
     session.execute(delete(metrics).where(metrics.c.run_id == run_id, metrics.c.step > step))
-    return Resume(checkpoint=row.data if row is not None else None, step=step)
+    return Resume(checkpoint=stored.data if stored is not None else None, step=step)
 
 
 def record_resume(*, session: Session, run_id: int, worker: str, attempt: int, step: int) -> None:
@@ -338,7 +298,7 @@ def finish_run(
     Returns False (and writes nothing) when this worker no longer owns the run.
     The checkpoint is deleted: a finished run is never resumed.
     """
-    from service.ingest import write_metrics
+    from service.ingest import save_artifact, write_metrics
 
     values: dict[str, Any] = {
         "status": status,
@@ -365,12 +325,12 @@ def finish_run(
     if row is None:
         return False
     if records:
-        write_metrics(session.connection(), run_id, records)
+        write_metrics(session, run_id, records)
     session.execute(
         delete(Artifact).where(Artifact.run_id == run_id, Artifact.kind == ArtifactKind.checkpoint)
     )
     if weights is not None:
-        _put_artifact(session, run_id=run_id, kind=ArtifactKind.weights, data=weights, step=None)
+        save_artifact(session, run_id, ArtifactKind.weights, weights)
     return True
 
 

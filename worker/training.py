@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from service.db import get_engine, session_scope
-from service.models import Dataset as DatasetRow
 from service.models import RunStatus
 from service.runs import (
     Beat,
@@ -224,10 +223,6 @@ def _load_data(config: Any, engine: Engine) -> Any:
 @lru_cache(maxsize=8)
 def _csv_bytes(sha256: str, engine: Engine) -> bytes:
     # Content-addressed, so a cached copy can never be out of date.
-    with session_scope(engine) as session:
-        data = session.execute(
-            select(DatasetRow.data).where(DatasetRow.sha256 == sha256)
-        ).scalar_one_or_none()
-    if data is None:
-        raise LookupError(f"dataset csv:{sha256} is not in the datasets table")
-    return data
+    from service.ingest import load_dataset_bytes
+
+    return load_dataset_bytes(engine, sha256)

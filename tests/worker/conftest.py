@@ -1,0 +1,9 @@
+"""Fixtures of the worker tests; ``worker_testlib`` holds their helpers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# pytest runs with --import-mode=importlib, which puts no test folder on sys.path.
+sys.path.insert(0, str(Path(__file__).parent))
