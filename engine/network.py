@@ -1,0 +1,281 @@
+"""The multilayer perceptron: parameter layout, initialization, forward and backward pass.
+
+All weights and biases of a network live in ONE flat vector ``theta`` of
+``n_params`` values, laid out layer by layer as ``W0, b0, W1, b1, ...``;
+``W_i`` (shape ``(fan_in, fan_out)``) and ``b_i`` (``(fan_out,)``) are views
+into it. One flat vector makes an optimizer step, a random-walk proposal, a
+gradient norm or a checkpoint a single array operation. ``K`` stacked networks
+are a ``(K, n_params)`` array whose views are ``(K, fan_in, fan_out)`` and
+``(K, 1, fan_out)``, so one batched matmul evaluates all of them.
+
+The forward and backward passes follow scikit-learn's MLP
+(``_multilayer_perceptron.py``) step for step, into buffers allocated once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine.functions import ACTIVATIONS, DERIVATIVES, LOSS_FUNCTIONS, OUTPUT_ACTIVATIONS
+
+#: Initialization chosen by "auto" for each activation.
+AUTO_INIT = {
+    "relu": "he",
+    "leaky_relu": "he",
+    "tanh": "xavier",
+    "sigmoid": "xavier",
+    "identity": "xavier",
+}
+
+
+class Network:
+    """Layer sizes, activations and the layout of the flat parameter vector.
+
+    Parameters
+    ----------
+    units : sequence of int
+        ``[n_features, *hidden, n_outputs]``.
+    activation : str
+        Hidden-layer activation, a key of ``ACTIVATIONS``.
+    task : str
+        "multiclass", "binary" or "regression": picks the output activation
+        and the loss.
+    dtype : numpy dtype
+        float32 or float64.
+    """
+
+    def __init__(self, units: list[int], activation: str, task: str, dtype: np.dtype) -> None:
+        self.units = [int(u) for u in units]
+        self.n_layers = len(self.units) - 1  # weight layers
+        self.activation = activation
+        self.task = task
+        self.dtype = np.dtype(dtype)
+        self.hidden_activation = ACTIVATIONS[activation]
+        self.derivative = DERIVATIVES[activation]
+        self.output_activation = OUTPUT_ACTIVATIONS[task]
+        self.loss_function = LOSS_FUNCTIONS[task]
+        # (start, stop) of W_i and of b_i in theta
+        self.w_spans: list[tuple[int, int]] = []
+        self.b_spans: list[tuple[int, int]] = []
+        offset = 0
+        for fan_in, fan_out in zip(self.units[:-1], self.units[1:], strict=True):
+            self.w_spans.append((offset, offset + fan_in * fan_out))
+            offset += fan_in * fan_out
+            self.b_spans.append((offset, offset + fan_out))
+            offset += fan_out
+        self.n_params = offset
+
+    # -- layout ------------------------------------------------------------------------------
+
+    def unpack(self, theta: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Views of the weights and biases in ``theta``.
+
+        ``theta`` of shape ``(n_params,)`` gives ``W_i (fan_in, fan_out)`` and
+        ``b_i (fan_out,)``; of shape ``(K, n_params)`` it gives
+        ``W_i (K, fan_in, fan_out)`` and ``b_i (K, 1, fan_out)``.
+        """
+        lead = theta.shape[:-1]
+        Ws, bs = [], []
+        for (w0, w1), (b0, b1), fan_in, fan_out in zip(
+            self.w_spans, self.b_spans, self.units[:-1], self.units[1:], strict=True
+        ):
+            Ws.append(theta[..., w0:w1].reshape(*lead, fan_in, fan_out))
+            bs.append(theta[..., b0:b1].reshape(*lead, 1, fan_out) if lead else theta[b0:b1])
+        return Ws, bs
+
+    def weight_mask(self) -> np.ndarray:
+        """Boolean ``(n_params,)``, True on weights, False on biases."""
+        mask = np.zeros(self.n_params, dtype=bool)
+        for w0, w1 in self.w_spans:
+            mask[w0:w1] = True
+        return mask
+
+    def init_params(self, rng: np.random.Generator, init: str = "auto") -> np.ndarray:
+        """Initial ``theta``: weights by He or Xavier/Glorot, biases zero.
+
+        He: ``N(0, 2 / fan_in)``. Xavier/Glorot: uniform on
+        ``+-sqrt(6 / (fan_in + fan_out))``. ``init="auto"`` picks He for
+        relu and leaky_relu, Xavier otherwise. Draws are float64 and then cast,
+        so float32 and float64 runs with one seed start from the same point.
+        """
+        scheme = AUTO_INIT[self.activation] if init == "auto" else init
+        theta = np.zeros(self.n_params)
+        Ws, _ = self.unpack(theta)
+        for W in Ws:
+            fan_in, fan_out = W.shape
+            if scheme == "he":
+                W[...] = rng.standard_normal((fan_in, fan_out)) * math.sqrt(2.0 / fan_in)
+            elif scheme == "xavier":
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                W[...] = rng.uniform(-bound, bound, (fan_in, fan_out))
+            else:
+                raise ValueError(f"init: must be auto, he or xavier, got {init!r}")
+        return theta.astype(self.dtype)
+
+    # -- passes ------------------------------------------------------------------------------
+
+    def forward(
+        self, Ws: list[np.ndarray], bs: list[np.ndarray], X: np.ndarray, acts: list[np.ndarray]
+    ) -> np.ndarray:
+        """Forward pass into the buffers ``acts``; returns the output layer.
+
+        Parameters
+        ----------
+        Ws, bs : from ``unpack`` (single or stacked networks)
+        X : ndarray of shape (n_samples, n_features)
+        acts : list of ndarray, one per weight layer, of shape
+            ``(..., n_samples, units[i + 1])``; overwritten with each layer's output.
+        """
+        a = X
+        last = self.n_layers - 1
+        for i in range(self.n_layers):
+            z = acts[i]
+            np.matmul(a, Ws[i], out=z)
+            z += bs[i]
+            if i < last:
+                self.hidden_activation(z)
+            a = z
+        self.output_activation(a)
+        return a
+
+    def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """Output layer for ``X`` (probabilities or regression values), freshly allocated."""
+        Ws, bs = self.unpack(theta)
+        lead = theta.shape[:-1]
+        acts = [np.empty((*lead, X.shape[0], u), dtype=self.dtype) for u in self.units[1:]]
+        return self.forward(Ws, bs, X, acts)
+
+    def loss(self, theta: np.ndarray, X: np.ndarray, Y: np.ndarray, alpha: float = 0.0) -> float:
+        """Mean loss of ``theta`` on ``(X, Y)`` plus the L2 term ``alpha/(2n) sum W^2``."""
+        value = float(self.loss_function(Y, self.predict(theta, X)))
+        if alpha:
+            Ws, _ = self.unpack(theta)
+            value += 0.5 * alpha * sum(float(np.dot(W.ravel(), W.ravel())) for W in Ws) / len(X)
+        return value
+
+
+class Forward:
+    """Forward passes of one network through buffers allocated once.
+
+    Parameters
+    ----------
+    net : Network
+    theta : ndarray of shape (n_params,) or (K, n_params)
+        The parameters, read through views (never copied): updating ``theta``
+        in place is seen by the next pass.
+    capacity : int
+        Largest number of samples that will be passed.
+    """
+
+    def __init__(self, net: Network, theta: np.ndarray, capacity: int) -> None:
+        self.net = net
+        self.Ws, self.bs = net.unpack(theta)
+        lead = theta.shape[:-1]
+        self._acts = [np.empty((*lead, capacity, u), dtype=net.dtype) for u in net.units[1:]]
+        self._views: dict[int, list[np.ndarray]] = {}
+
+    def acts(self, m: int) -> list[np.ndarray]:
+        """The activation buffers for ``m`` samples (cached views)."""
+        views = self._views.get(m)
+        if views is None:
+            views = [a[..., :m, :] for a in self._acts]
+            self._views[m] = views
+        return views
+
+    def forward(self, X: np.ndarray) -> np.ndarray:
+        """Output layer for ``X`` (at most ``capacity`` rows), in the internal buffer.
+
+        Returns an array of shape ``(..., n_samples, n_outputs)`` valid until the next pass.
+        """
+        return self.net.forward(self.Ws, self.bs, X, self.acts(X.shape[0]))
+
+
+class Backprop(Forward):
+    """Forward pass, loss and backward pass for one network, into buffers allocated once.
+
+    Parameters
+    ----------
+    net : Network
+    theta : ndarray of shape (n_params,)
+        The parameters; read through views, never copied.
+    grad : ndarray of shape (n_params,)
+        Receives the gradient (same layout as ``theta``).
+    capacity : int
+        Largest batch that will be passed.
+    alpha : float
+        L2 penalty (scikit-learn's convention).
+    """
+
+    def __init__(
+        self, net: Network, theta: np.ndarray, grad: np.ndarray, capacity: int, alpha: float = 0.0
+    ) -> None:
+        super().__init__(net, theta, capacity)
+        self.alpha = float(alpha)
+        self.gWs, self.gbs = net.unpack(grad)
+        self.grad = grad
+        self._deltas = [np.empty((capacity, u), dtype=net.dtype) for u in net.units[1:-1]]
+        self._delta_views: dict[int, list[np.ndarray]] = {}
+
+    def deltas(self, m: int) -> list[np.ndarray]:
+        views = self._delta_views.get(m)
+        if views is None:
+            views = [d[:m] for d in self._deltas]
+            self._delta_views[m] = views
+        return views
+
+    def l2_term(self, n: int) -> float:
+        """``alpha / (2 n) * sum of squared weights`` (0 without weight decay)."""
+        if not self.alpha:
+            return 0.0
+        return 0.5 * self.alpha * sum(float(np.dot(W.ravel(), W.ravel())) for W in self.Ws) / n
+
+    def backprop(
+        self, X: np.ndarray, Y: np.ndarray, forward_done: bool = False
+    ) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
+        """Loss and gradients of the mean loss (+ L2 term) on a batch.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_samples, n_features)
+        Y : ndarray of shape (n_samples, n_outputs)
+            One-hot classes, 0/1 column, or regression targets.
+        forward_done : bool
+            The last call of ``forward`` was on this very ``X`` with the current
+            parameters; its activations are reused instead of recomputed.
+
+        Returns
+        -------
+        loss : float
+            Mean loss plus the L2 term, before the update.
+        weight_grads : list of ndarray, ``dE/dW_i`` (views into ``grad``)
+        bias_grads : list of ndarray, ``dE/db_i`` (views into ``grad``)
+        """
+        net = self.net
+        m = X.shape[0]
+        acts = self.acts(m)
+        deltas = self.deltas(m)
+        Ws, gWs, gbs = self.Ws, self.gWs, self.gbs
+        P = acts[-1] if forward_done else net.forward(Ws, self.bs, X, acts)
+        loss = float(net.loss_function(Y, P))
+        alpha = self.alpha
+        if alpha:
+            loss += self.l2_term(m)
+        # Softmax/CE, sigmoid/BCE and identity/squared error are canonical pairs:
+        # dE/dz at the output is P - Y (the 1/m comes at the end, as in scikit-learn).
+        delta = P
+        delta -= Y
+        for i in range(net.n_layers - 1, -1, -1):
+            a_prev = acts[i - 1] if i else X
+            np.matmul(a_prev.T, delta, out=gWs[i])
+            if alpha:
+                gWs[i] += alpha * Ws[i]
+            np.sum(delta, axis=0, out=gbs[i])
+            if i:
+                d = deltas[i - 1]
+                np.matmul(delta, Ws[i].T, out=d)
+                net.derivative(a_prev, d)
+                delta = d
+        self.grad /= m
+        return loss, gWs, gbs

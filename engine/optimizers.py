@@ -1,0 +1,304 @@
+"""Training methods behind one interface (after scikit-learn's ``_stochastic_optimizers.py``).
+
+An ``Optimizer`` owns the current parameters of one network and advances them
+one step at a time; the trainer never asks which method it drives. Both
+minimize the full-batch training objective; backprop follows its gradient,
+random walk proposes Gaussian steps.
+
+The unit of ``evaluations`` is a pass over the training set: one backprop epoch
+is one pass (whatever the batch size), one random-walk iteration with ``K``
+candidates is ``K`` passes; ``passes_per_step`` says which.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from engine.network import Backprop, Forward, Network
+
+#: Random walk with adapt_step: log(sigma) moves by this times (accepted - target)
+#: after every iteration, so the acceptance rate settles near the target.
+ADAPT_RATE = 0.05
+#: Bounds on the adapted sigma, so it can neither vanish nor blow up.
+SIGMA_MIN, SIGMA_MAX = 1e-8, 1e3
+
+
+class Optimizer(ABC):
+    """One training method over a network and its training set.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    net : Network
+    X : ndarray of shape (n_samples, n_features)
+    Y : ndarray of shape (n_samples, n_outputs)
+        Targets in the network's output layout (one-hot, 0/1 column, values).
+    theta0 : ndarray of shape (n_params,)
+        Initial parameters (copied).
+    rng : numpy Generator
+        The run's training stream; all the method's randomness comes from it.
+    """
+
+    #: Training-set passes one step costs (the unit of ``evaluations``).
+    passes_per_step: int = 1
+
+    def __init__(self, config, net: Network, X: np.ndarray, Y: np.ndarray,
+                 theta0: np.ndarray, rng: np.random.Generator) -> None:
+        self.config = config
+        self.net = net
+        self.X = X
+        self.Y = Y
+        self.rng = rng
+        self.theta = np.array(theta0, dtype=net.dtype, copy=True)
+        #: True once a step hit a non-finite loss; ``theta`` is then the last finite point.
+        self.diverged = False
+
+    @abstractmethod
+    def start(self) -> None:
+        """The initial evaluation of a fresh run (one training-set pass)."""
+
+    @abstractmethod
+    def step(self, t: int) -> dict[str, float | None]:
+        """Run step ``t`` (0-based); return this method's metrics for the record."""
+
+    @abstractmethod
+    def train_eval(self) -> tuple[float, np.ndarray]:
+        """(training objective, output layer on the training set) at ``theta``.
+
+        The output array is a buffer, valid until the next call into the optimizer.
+        """
+
+    @property
+    def result_params(self) -> np.ndarray:
+        """The parameters a run returns (the current point unless the method says otherwise)."""
+        return self.theta
+
+    # -- checkpoint state --------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays and JSON-able scalars that restore this optimizer exactly."""
+        return (
+            {"theta": self.theta},
+            {"rng": self.rng.bit_generator.state, "diverged": self.diverged},
+        )
+
+    def load_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        np.copyto(self.theta, arrays["theta"])
+        self.rng.bit_generator.state = scalars["rng"]
+        self.diverged = bool(scalars["diverged"])
+
+
+class BackpropOptimizer(Optimizer):
+    """Mini-batch gradient descent on the backpropagated gradient.
+
+    Each epoch draws a permutation of the training set from ``rng`` (not in
+    full-batch mode, where order cannot matter) and walks it in batches of
+    ``batch_size``; every batch does ``v = momentum v - lr g; theta += v``
+    (``theta -= lr g`` without momentum), where ``g`` includes the L2 term
+    ``weight_decay * W / m``. The learning rate of epoch ``t`` is
+    ``learning_rate / (1 + lr_decay t)``. A non-finite batch loss or parameter
+    stops the epoch and restores the parameters from its start.
+    """
+
+    def __init__(self, config, net, X, Y, theta0, rng) -> None:
+        super().__init__(config, net, X, Y, theta0, rng)
+        n = X.shape[0]
+        self.batch = n if config.batch_size is None else min(config.batch_size, n)
+        self.full_batch = self.batch == n
+        self.grad = np.zeros_like(self.theta)
+        self.velocity = np.zeros_like(self.theta) if config.momentum else None
+        self._start_of_step = np.empty_like(self.theta)
+        self._bp = Backprop(net, self.theta, self.grad, self.batch, config.weight_decay)
+        # Whole-training-set passes (train_eval); in full-batch mode the same
+        # buffers as training, so a step can reuse the evaluation's forward pass.
+        self._eval = self._bp if self.full_batch else Forward(net, self.theta, n)
+        self._evaluated: tuple[float, np.ndarray] | None = None
+        if not self.full_batch:
+            # The shuffled epoch lives in these buffers; batches are fixed views of them.
+            self._Xs = np.empty_like(X)
+            self._Ys = np.empty_like(Y)
+            self._batches = [
+                (self._Xs[s : s + self.batch], self._Ys[s : s + self.batch])
+                for s in range(0, n, self.batch)
+            ]
+
+    def start(self) -> None:
+        self.train_eval()
+
+    def train_eval(self) -> tuple[float, np.ndarray]:
+        if self._evaluated is None:
+            P = self._eval.forward(self.X)
+            loss = float(self.net.loss_function(self.Y, P)) + self._bp.l2_term(self.X.shape[0])
+            self._evaluated = (loss, P)
+        return self._evaluated
+
+    def step(self, t: int) -> dict[str, float | None]:
+        cfg = self.config
+        lr = cfg.learning_rate / (1.0 + cfg.lr_decay * t)
+        theta, grad, velocity, momentum = self.theta, self.grad, self.velocity, cfg.momentum
+        np.copyto(self._start_of_step, theta)
+        reuse = self.full_batch and self._evaluated is not None
+        self._evaluated = None
+        if self.full_batch:
+            batches = [(self.X, self.Y)]
+        else:
+            order = self.rng.permutation(self.X.shape[0])
+            np.take(self.X, order, axis=0, out=self._Xs, mode="clip")
+            np.take(self.Y, order, axis=0, out=self._Ys, mode="clip")
+            batches = self._batches
+        backprop = self._bp.backprop
+        last = len(batches) - 1
+        loss, grad_norm = 0.0, None
+        for i, (xb, yb) in enumerate(batches):
+            loss = backprop(xb, yb, reuse)[0]
+            reuse = False
+            if not math.isfinite(loss):
+                break
+            if i == last:
+                grad_norm = float(np.sqrt(np.dot(grad, grad)))
+            # scikit-learn's SGD update: v = momentum v - lr g; theta += v
+            if velocity is None:
+                grad *= lr
+                theta -= grad
+            else:
+                velocity *= momentum
+                grad *= lr
+                velocity -= grad
+                theta += velocity
+        if not math.isfinite(loss) or not np.isfinite(theta).all():
+            self.diverged = True
+            np.copyto(theta, self._start_of_step)
+            if velocity is not None:
+                velocity[...] = 0.0  # never used again; keeps the state finite
+            grad_norm = None
+        return {"grad_norm": grad_norm, "learning_rate": lr}
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, scalars = super().state()
+        if self.velocity is not None:
+            arrays["velocity"] = self.velocity
+        return arrays, scalars
+
+    def load_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        super().load_state(arrays, scalars)
+        if self.velocity is not None:
+            np.copyto(self.velocity, arrays["velocity"])
+        self._evaluated = None
+
+
+class RandomWalkOptimizer(Optimizer):
+    """Random walk with a Metropolis acceptance test on the full-batch training loss.
+
+    Each iteration ``t`` draws ``K = candidates`` proposals
+    ``theta + sigma eps`` (``eps ~ N(0, I)`` over all weights and biases),
+    scores them in ONE batched forward pass, and submits the best to the
+    test: accepted if its loss is lower than the current one, else with
+    probability ``exp(-delta / T_t)``, ``T_t = temperature * cooling^t`` (so
+    ``T = 0`` is pure descent). Proposals with a non-finite loss are rejected.
+    With ``adapt_step``, ``log sigma += ADAPT_RATE (accepted - target_acceptance)``.
+    The best point seen is kept and is what the run returns.
+    ``acceptance_rate`` is accepted iterations / iterations.
+    """
+
+    def __init__(self, config, net, X, Y, theta0, rng) -> None:
+        super().__init__(config, net, X, Y, theta0, rng)
+        K = config.candidates
+        self.passes_per_step = K
+        self.sigma = float(config.step_size)
+        self.loss = math.inf  # training loss at theta
+        self.best = self.theta.copy()
+        self.best_loss = math.inf
+        self.accepted = 0
+        self.proposed = 0
+        n = X.shape[0]
+        self._cands = np.empty((K, net.n_params), dtype=net.dtype)
+        self._batched = Forward(net, self._cands, n)
+        self._single = Forward(net, self.theta, n)
+        self._out = np.empty((n, net.units[-1]), dtype=net.dtype)  # output at theta
+
+    @property
+    def result_params(self) -> np.ndarray:
+        return self.best
+
+    def start(self) -> None:
+        P = self._single.forward(self.X)
+        self.loss = _finite_or_inf(float(self.net.loss_function(self.Y, P)))
+        np.copyto(self._out, P)
+        self.best_loss = self.loss
+        np.copyto(self.best, self.theta)
+
+    def train_eval(self) -> tuple[float, np.ndarray]:
+        return self.loss, self._out
+
+    def step(self, t: int) -> dict[str, float | None]:
+        cfg = self.config
+        sigma = self.sigma
+        temperature = cfg.temperature * cfg.cooling**t
+        cands = self._cands
+        self.rng.standard_normal(out=cands, dtype=cands.dtype)
+        cands *= sigma
+        cands += self.theta
+        P = self._batched.forward(self.X)
+        losses = np.asarray(self.net.loss_function(self.Y, P), dtype=np.float64)
+        losses[~np.isfinite(losses)] = math.inf
+        k = int(np.argmin(losses))
+        delta = float(losses[k]) - self.loss
+        u = self.rng.random()  # drawn every iteration, used only when T > 0
+        accept = delta < 0 or (temperature > 0 and u < math.exp(-delta / temperature))
+        self.proposed += 1
+        if accept:
+            self.accepted += 1
+            np.copyto(self.theta, cands[k])
+            np.copyto(self._out, P[k])
+            self.loss = float(losses[k])
+            if self.loss < self.best_loss:
+                self.best_loss = self.loss
+                np.copyto(self.best, self.theta)
+        if not math.isfinite(self.loss):
+            self.diverged = True  # only possible when the initial loss is not finite
+        if cfg.adapt_step:
+            self.sigma = min(
+                max(sigma * math.exp(ADAPT_RATE * (accept - cfg.target_acceptance)), SIGMA_MIN),
+                SIGMA_MAX,
+            )
+        return {
+            "step_size": sigma,
+            "temperature": temperature,
+            "acceptance_rate": self.accepted / self.proposed,
+        }
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, scalars = super().state()
+        arrays.update(best=self.best, out=self._out)
+        scalars.update(
+            sigma=self.sigma,
+            loss=self.loss,
+            best_loss=self.best_loss,
+            accepted=self.accepted,
+            proposed=self.proposed,
+        )
+        return arrays, scalars
+
+    def load_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        super().load_state(arrays, scalars)
+        np.copyto(self.best, arrays["best"])
+        np.copyto(self._out, arrays["out"])
+        self.sigma = float(scalars["sigma"])
+        self.loss = float(scalars["loss"])
+        self.best_loss = float(scalars["best_loss"])
+        self.accepted = int(scalars["accepted"])
+        self.proposed = int(scalars["proposed"])
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
+
+
+OPTIMIZER_CLASSES: dict[str, type[Optimizer]] = {
+    "backprop": BackpropOptimizer,
+    "random_walk": RandomWalkOptimizer,
+}

@@ -1,0 +1,350 @@
+"""The training loop: ``Trainer`` runs one config on one dataset, step by step.
+
+Definitions the records and the summary rely on:
+
+- ``step`` counts completed steps from 1: an epoch for backprop, an iteration
+  for random walk. ``trainer.steps()`` yields once after every step: a record
+  (a dict with exactly ``RECORD_FIELDS``) every ``log_every`` steps and on the
+  last step, ``None`` otherwise.
+- ``train_loss`` is the full-batch training objective at the current
+  parameters after the step (mean loss, plus the L2 term
+  ``weight_decay / (2 n) * sum W^2`` for backprop); ``val_loss`` is the mean
+  loss on the validation split, without the L2 term. For random walk the
+  current parameters are the chain's state; the best point seen is what the
+  run returns.
+- ``evaluations`` counts passes over the training set spent by the optimizer:
+  1 for the initial evaluation, then 1 per backprop epoch (any batch size) and
+  ``candidates`` per random-walk iteration. Passes made only to compute the
+  logged metrics are not counted.
+- ``elapsed`` is engine time: the generator's own time, summed over resumed
+  sessions, excluding the caller's time between yields.
+- MAE is in the target's own units (standardization undone); losses are in
+  standardized units.
+- ``patience``: the run stops once ``patience`` consecutive steps have brought
+  no new lowest training loss (strictly lower than every earlier one,
+  the initial evaluation included). ``target_loss``: the run stops once the
+  training loss is at most ``target_loss``. Both look at ``train_loss`` above.
+- Divergence: a non-finite training loss stops the run at that step with
+  outcome "diverged"; the parameters go back to the end of the previous step
+  (always finite) and that step's record has None for every metric it could
+  not compute.
+- Summary: ``final_*`` evaluate the returned weights; ``best_val_*`` are the
+  best over the logged records and the returned weights.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.config import TrainConfig
+from engine.datasets import INIT_STREAM, TRAIN_STREAM, Dataset, stream
+from engine.errors import ConfigError
+from engine.metrics import RECORD_FIELDS
+from engine.network import Forward, Network
+from engine.optimizers import OPTIMIZER_CLASSES, Optimizer
+
+CHECKPOINT_FORMAT = "mlpq-checkpoint-1"
+
+#: Metrics only one optimizer reports; the other's records hold None there.
+_OPTIMIZER_FIELDS = ("grad_norm", "learning_rate", "step_size", "temperature", "acceptance_rate")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced.
+
+    outcome : "succeeded" or "diverged"
+    stop_reason : "max_steps", "target_loss", "patience", "diverged", or
+        "stopped" when the caller broke off before the run ended
+    weights : npz bytes, arrays ``W0, b0, W1, b1, ...`` and a 0-d unicode
+        array ``config`` (JSON of ``config.to_dict()``); also ``meta`` (JSON:
+        task, units, activation, classes, ...) and ``x_mean``/``x_scale`` (the
+        standardization of the inputs). No pickle needed to load.
+    summary : dict with final/best losses, accuracies, R^2, iterations,
+        evaluations and wall_seconds (None where not applicable)
+    """
+
+    outcome: str
+    stop_reason: str
+    weights: bytes
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Train ``config`` on ``data``; resume exactly from ``state`` (bytes of ``checkpoint()``)."""
+
+    def __init__(self, config: TrainConfig, data: Dataset, state: bytes | None = None) -> None:
+        if data.name != config.dataset:
+            raise ConfigError("dataset", f"config says {config.dataset!r}, data is {data.name!r}")
+        if config.task is not None and data.task != config.task:
+            raise ConfigError("task", f"config says {config.task!r}, data is {data.task!r}")
+        self.config = config
+        self.data = data
+        dtype = np.dtype(config.dtype)
+        self._X = np.ascontiguousarray(data.X_train, dtype=dtype)
+        self._X_val = np.ascontiguousarray(data.X_val, dtype=dtype)
+        self._Y = _targets(data.task, data.y_train, data.n_classes, dtype)
+        self._Y_val = _targets(data.task, data.y_val, data.n_classes, dtype)
+        n_out = data.n_classes if data.task == "multiclass" else 1
+        self.net = Network([data.n_features, *config.hidden, n_out], config.activation,
+                           data.task, dtype)
+        theta0 = self.net.init_params(stream(config.seed, INIT_STREAM), config.init)
+        optimizer_class = OPTIMIZER_CLASSES[config.optimizer]
+        self._opt: Optimizer = optimizer_class(
+            config, self.net, self._X, self._Y, theta0, stream(config.seed, TRAIN_STREAM)
+        )
+        self._val = Forward(self.net, self._opt.theta, self._X_val.shape[0])
+        self._alpha = config.weight_decay if config.optimizer == "backprop" else 0.0
+        #: Steps completed so far.
+        self.step = 0
+        self._evaluations = 0
+        self._elapsed = 0.0
+        self._best_loss = math.inf  # lowest training loss seen (patience)
+        self._since_best = 0
+        self._best_val: dict[str, float | None] = {"loss": None, "accuracy": None, "r2": None}
+        self._stop_reason: str | None = None
+        if state is None:
+            t0 = time.perf_counter()
+            self._opt.start()
+            self._evaluations = 1
+            self._best_loss = _finite_or_inf(self._opt.train_eval()[0])
+            self._elapsed = time.perf_counter() - t0
+        else:
+            self._restore(state)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def steps(self) -> Iterator[dict[str, Any] | None]:
+        """Run the remaining steps; yield a record (or None) after each one.
+
+        The caller may ``checkpoint()`` or stop iterating between any two yields.
+        """
+        cfg, opt = self.config, self._opt
+        while self._stop_reason is None:
+            t0 = time.perf_counter()
+            info = opt.step(self.step)
+            self.step += 1
+            self._evaluations += opt.passes_per_step
+            record: dict[str, Any] | None
+            if opt.diverged:
+                self._stop_reason = "diverged"
+                record = self._record(info, None)
+            else:
+                due = self.step % cfg.log_every == 0 or self.step >= cfg.max_steps
+                train = None
+                if due or cfg.patience is not None or cfg.target_loss is not None:
+                    train = opt.train_eval()
+                    loss = train[0]
+                    if loss < self._best_loss:
+                        self._best_loss, self._since_best = loss, 0
+                    else:
+                        self._since_best += 1
+                    if not math.isfinite(loss):
+                        self._stop_reason = "diverged"  # not reachable with the methods above
+                    elif cfg.target_loss is not None and loss <= cfg.target_loss:
+                        self._stop_reason = "target_loss"
+                    elif cfg.patience is not None and self._since_best >= cfg.patience:
+                        self._stop_reason = "patience"
+                if self._stop_reason is None and self.step >= cfg.max_steps:
+                    self._stop_reason = "max_steps"
+                record = None
+                if due or self._stop_reason is not None:
+                    record = self._record(info, train)
+            self._elapsed += time.perf_counter() - t0
+            if record is not None:
+                record["elapsed"] = self._elapsed
+            yield record
+
+    def _record(self, info: dict[str, float | None], train: tuple[float, np.ndarray] | None
+                ) -> dict[str, Any]:
+        record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+        record["step"] = self.step
+        record["evaluations"] = float(self._evaluations)
+        for key in _OPTIMIZER_FIELDS:
+            if key in info:
+                value = info[key]
+                record[key] = float(value) if value is not None and math.isfinite(value) else None
+        if train is None:  # diverged: nothing trustworthy to measure
+            return record
+        loss, P = train
+        record["train_loss"] = float(loss)
+        record.update(self._scores("train", P, self.data.y_train))
+        P_val = self._val.forward(self._X_val)
+        record["val_loss"] = float(self.net.loss_function(self._Y_val, P_val))
+        record.update(self._scores("val", P_val, self.data.y_val))
+        self._track_best(record)
+        return record
+
+    def _scores(self, split: str, P: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        task = self.data.task
+        if task == "regression":
+            pred = P[:, 0].astype(np.float64)
+            target = y.astype(np.float64)
+            resid = pred - target
+            ss_tot = float(np.sum((target - target.mean()) ** 2))
+            r2 = 1.0 - float(np.dot(resid, resid)) / ss_tot if ss_tot > 0 else None
+            mae = float(np.mean(np.abs(resid))) * self.data.y_scale
+            return {f"{split}_r2": r2, f"{split}_mae": mae}
+        labels = P.argmax(axis=1) if task == "multiclass" else (P[:, 0] > 0.5)
+        return {f"{split}_accuracy": float(np.mean(labels == y))}
+
+    def _track_best(self, record: dict[str, Any]) -> None:
+        best = self._best_val
+        for key, better in (("loss", min), ("accuracy", max), ("r2", max)):
+            value = record.get(f"val_{key}")
+            if value is not None and math.isfinite(value):
+                best[key] = value if best[key] is None else better(best[key], value)
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def result(self) -> TrainResult:
+        """Outcome, weights and summary as of now (callable at any point)."""
+        theta = self._opt.result_params
+        net = self.net
+        P = net.predict(theta, self._X)
+        P_val = net.predict(theta, self._X_val)
+        train_loss = float(net.loss_function(self._Y, P))
+        if self._alpha:
+            Ws, _ = net.unpack(theta)
+            sq = sum(float(np.dot(W.ravel(), W.ravel())) for W in Ws)
+            train_loss += 0.5 * self._alpha * sq / self._X.shape[0]
+        final = {"train_loss": train_loss,
+                 "val_loss": float(net.loss_function(self._Y_val, P_val))}
+        final.update(self._scores("train", P, self.data.y_train))
+        final.update(self._scores("val", P_val, self.data.y_val))
+        best = dict(self._best_val)
+        for key, better in (("loss", min), ("accuracy", max), ("r2", max)):
+            value = final.get(f"val_{key}")
+            if value is not None and math.isfinite(value):
+                best[key] = value if best[key] is None else better(best[key], value)
+        summary = {
+            "final_train_loss": _finite_or_none(final["train_loss"]),
+            "final_val_loss": _finite_or_none(final["val_loss"]),
+            "best_val_loss": best["loss"],
+            "final_train_accuracy": final.get("train_accuracy"),
+            "final_val_accuracy": final.get("val_accuracy"),
+            "best_val_accuracy": best["accuracy"],
+            "final_val_r2": final.get("val_r2"),
+            "best_val_r2": best["r2"],
+            "iterations": self.step,
+            "evaluations": float(self._evaluations),
+            "wall_seconds": self._elapsed,
+        }
+        diverged = self._stop_reason == "diverged"
+        return TrainResult(
+            outcome="diverged" if diverged else "succeeded",
+            stop_reason=self._stop_reason or "stopped",
+            weights=self._weights(theta),
+            summary=summary,
+        )
+
+    def _weights(self, theta: np.ndarray) -> bytes:
+        Ws, bs = self.net.unpack(theta)
+        arrays: dict[str, np.ndarray] = {}
+        for i, (W, b) in enumerate(zip(Ws, bs, strict=True)):
+            arrays[f"W{i}"] = np.ascontiguousarray(W)
+            arrays[f"b{i}"] = np.ascontiguousarray(b)
+        data = self.data
+        meta = {
+            "task": data.task,
+            "units": self.net.units,
+            "activation": self.net.activation,
+            "n_classes": data.n_classes,
+            "classes": _jsonable(data.classes),
+            "feature_names": list(data.feature_names),
+            "y_mean": data.y_mean,
+            "y_scale": data.y_scale,
+        }
+        d = data.n_features
+        arrays["x_mean"] = np.zeros(d) if data.x_mean is None else np.asarray(data.x_mean, float)
+        arrays["x_scale"] = np.ones(d) if data.x_scale is None else np.asarray(data.x_scale, float)
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            **arrays,
+            config=np.array(json.dumps(self.config.to_dict())),
+            meta=np.array(json.dumps(meta)),
+        )
+        return buf.getvalue()
+
+    # -- checkpoint ------------------------------------------------------------------------------
+
+    def checkpoint(self) -> bytes:
+        """The whole training state as npz bytes (no pickle); ``Trainer(..., state=)`` resumes it."""
+        arrays, opt_scalars = self._opt.state()
+        trainer = {
+            "step": self.step,
+            "evaluations": self._evaluations,
+            "elapsed": self._elapsed,
+            "best_loss": self._best_loss,
+            "since_best": self._since_best,
+            "best_val": self._best_val,
+            "stop_reason": self._stop_reason,
+        }
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            format=np.array(CHECKPOINT_FORMAT),
+            config=np.array(json.dumps(self.config.to_dict())),
+            trainer=np.array(json.dumps(trainer)),
+            optimizer=np.array(json.dumps(opt_scalars)),
+            **{f"opt_{k}": v for k, v in arrays.items()},
+        )
+        return buf.getvalue()
+
+    def _restore(self, state: bytes) -> None:
+        with np.load(io.BytesIO(state), allow_pickle=False) as z:
+            files = {name: z[name] for name in z.files}
+        if str(files.get("format", "")) != CHECKPOINT_FORMAT:
+            raise ValueError(f"state: not an {CHECKPOINT_FORMAT} checkpoint")
+        if json.loads(str(files["config"])) != self.config.to_dict():
+            raise ValueError("state: the checkpoint was taken with a different config")
+        trainer = json.loads(str(files["trainer"]))
+        arrays = {k[4:]: v for k, v in files.items() if k.startswith("opt_")}
+        self._opt.load_state(arrays, json.loads(str(files["optimizer"])))
+        self.step = int(trainer["step"])
+        self._evaluations = int(trainer["evaluations"])
+        self._elapsed = float(trainer["elapsed"])
+        self._best_loss = float(trainer["best_loss"])
+        self._since_best = int(trainer["since_best"])
+        self._best_val = dict(trainer["best_val"])
+        self._stop_reason = trainer["stop_reason"]
+
+
+def load_weights(npz_bytes: bytes) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Any]]:
+    """Weights, biases and config dict from ``TrainResult.weights``."""
+    with np.load(io.BytesIO(npz_bytes), allow_pickle=False) as z:
+        n = sum(1 for name in z.files if name.startswith("W") and name[1:].isdigit())
+        Ws = [z[f"W{i}"] for i in range(n)]
+        bs = [z[f"b{i}"] for i in range(n)]
+        config = json.loads(str(z["config"]))
+    return Ws, bs, config
+
+
+def _targets(task: str, y: np.ndarray, n_classes: int | None, dtype: np.dtype) -> np.ndarray:
+    """Targets in the output layer's layout: one-hot, a 0/1 column, or a value column."""
+    if task == "multiclass":
+        return np.eye(n_classes, dtype=dtype)[y]
+    return np.ascontiguousarray(y.reshape(-1, 1), dtype=dtype)
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _jsonable(classes: tuple | None) -> list | None:
+    if classes is None:
+        return None
+    return [c if isinstance(c, int | float | str) else str(c) for c in classes]
