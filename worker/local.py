@@ -1,0 +1,110 @@
+"""Starting worker processes: `mlpq worker` and the local workers of `mlpq run`.
+
+Workers are real ``celery worker`` processes (prefork pool) started with the
+environment they need *before* NumPy is imported: one BLAS thread per process.
+Nothing here imports the Celery app, so the CLI can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from service.celery_app import QUEUE
+
+#: The app module celery loads (``celery -A``).
+APP_MODULE = "worker.app"
+#: BLAS/OpenMP thread counts pinned to 1 in every worker process.
+BLAS_THREAD_VARS: tuple[str, ...] = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_command(
+    *, concurrency: int, loglevel: str = "INFO", hostname: str | None = None
+) -> list[str]:
+    """argv of a prefork Celery worker consuming the mlpq queue."""
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        APP_MODULE,
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(concurrency),
+        "--queues",
+        QUEUE,
+        "--loglevel",
+        loglevel,
+        # No result backend and no remote revokes to sync: start without the
+        # one-second mingle round and the gossip traffic.
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    if hostname:
+        argv += ["--hostname", hostname]
+    return argv
+
+
+def worker_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: ours) with one BLAS thread per process."""
+    env = dict(os.environ if base is None else base)
+    for var in BLAS_THREAD_VARS:
+        env[var] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def exec_worker(*, concurrency: int, loglevel: str = "INFO", hostname: str | None = None) -> None:
+    """Replace this process by a Celery worker (signals then reach celery directly)."""
+    argv = worker_command(concurrency=concurrency, loglevel=loglevel, hostname=hostname)
+    os.execve(sys.executable, argv, worker_environment())
+
+
+class LocalWorkers:
+    """One ``celery worker`` subprocess with ``concurrency`` children, logging to a file."""
+
+    def __init__(self, *, concurrency: int, log_path: Path, loglevel: str = "INFO") -> None:
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            worker_command(
+                concurrency=concurrency, loglevel=loglevel, hostname=f"local-{os.getpid()}@%h"
+            ),
+            env=worker_environment(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Own session: a Ctrl-C in the terminal reaches us, and we stop the workers.
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, *, timeout: float = 60.0) -> int | None:
+        """Warm shutdown (running tasks finish), then a kill after ``timeout`` seconds."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.alive():
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
