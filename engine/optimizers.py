@@ -117,6 +117,8 @@ class BackpropOptimizer(Optimizer):
         # buffers as training, so a step can reuse the evaluation's forward pass.
         self._eval = self._bp if self.full_batch else Forward(net, self.theta, n)
         self._evaluated: tuple[float, np.ndarray] | None = None
+        #: The sample order of the last epoch (None in full-batch mode).
+        self.order: np.ndarray | None = None
         if not self.full_batch:
             # The shuffled epoch lives in these buffers; batches are fixed views of them.
             self._Xs = np.empty_like(X)
@@ -147,6 +149,7 @@ class BackpropOptimizer(Optimizer):
             batches = [(self.X, self.Y)]
         else:
             order = self.rng.permutation(self.X.shape[0])
+            self.order = order
             np.take(self.X, order, axis=0, out=self._Xs, mode="clip")
             np.take(self.Y, order, axis=0, out=self._Ys, mode="clip")
             batches = self._batches

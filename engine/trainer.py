@@ -203,6 +203,16 @@ class Trainer:
             if value is not None and math.isfinite(value):
                 best[key] = value if best[key] is None else better(best[key], value)
 
+    @property
+    def optimizer(self) -> Optimizer:
+        """The optimizer driving this run (for inspection; the loop never needs it)."""
+        return self._opt
+
+    def parameters(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Copies of the current weights and biases (random walk: the chain's state)."""
+        Ws, bs = self.net.unpack(self._opt.theta)
+        return [W.copy() for W in Ws], [b.copy() for b in bs]
+
     # -- results ---------------------------------------------------------------------------------
 
     def result(self) -> TrainResult:
