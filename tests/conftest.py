@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
+
+pytest_plugins = ["pytester"]
 
 #: PostgreSQL server the tests create their schemas in.
 PG_URL = os.environ.get("MLPQ_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
@@ -130,6 +132,44 @@ def store_engine(store_url: str) -> Iterator[Engine]:
     engine = make_engine(store_url)
     yield engine
     engine.dispose()
+
+
+def _add_runs(
+    engine: Engine, count: int, *, experiment: str = "exp", **columns: object
+) -> list[int]:
+    """Insert an experiment named ``experiment`` (if new) with ``count`` queued runs; their ids.
+
+    ``columns`` override run columns (same value for every run).
+    """
+    from sqlalchemy import select
+
+    from service.db import session_scope
+    from service.models import Experiment, Run
+
+    with session_scope(engine) as session:
+        exp = session.scalar(select(Experiment).where(Experiment.name == experiment))
+        if exp is None:
+            exp = Experiment(name=experiment, spec={})
+            session.add(exp)
+        values = {
+            "optimizer": "backprop",
+            "dataset": "iris",
+            "hidden": "8",
+            "activation": "relu",
+            "max_steps": 10,
+            "config_hash": "0" * 64,
+            **columns,
+        }
+        runs = [Run(experiment=exp, seed=i, config={"seed": i}, **values) for i in range(count)]
+        session.add_all(runs)
+        session.flush()
+        return [run.id for run in runs]
+
+
+@pytest.fixture
+def add_runs() -> Callable[..., list[int]]:
+    """``add_runs(engine, count, *, experiment="exp", **columns) -> run ids``: queued runs."""
+    return _add_runs
 
 
 @pytest.fixture
