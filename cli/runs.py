@@ -80,11 +80,11 @@ def retry(
     own every few seconds; --stale does it now.
     """
     from service.celery_app import make_app
-    from service.db import session_scope
+    from service.db import get_engine, session_scope
     from service.models import RunStatus
-    from service.runs import get_experiment, reap_stale, reset_finished, unpublished
+    from service.runs import get_experiment, reap_stale, reset_finished
     from service.settings import get_settings
-    from service.submit import publish_runs
+    from service.submit import publish_pending
 
     settings = get_settings()
     statuses = [s for s, on in ((RunStatus.failed, failed), (RunStatus.diverged, diverged)) if on]
@@ -101,10 +101,7 @@ def retry(
             if stale
             else None
         )
-    with session_scope() as session:
-        ids = unpublished(session=session, experiment_id=exp.id)
-    if ids:
-        publish_runs(make_app(settings), ids)
+    sent = publish_pending(app=make_app(settings), engine=get_engine(), experiment_id=exp.id)
     parts = [f"{len(restarted)} finished run(s) restarted"]
     if reaped is not None:
         parts.append(f"{len(reaped.requeued)} stale run(s) re-enqueued")
@@ -112,7 +109,7 @@ def retry(
             parts.append(f"{reaped.failed} stale run(s) out of attempts marked failed")
         if reaped.cancelled:
             parts.append(f"{reaped.cancelled} stale cancelled run(s) closed")
-    parts.append(f"{len(ids)} message(s) published")
+    parts.append(f"{sent} message(s) published")
     console.print(f"{exp.name}: " + ", ".join(parts))
 
 

@@ -494,24 +494,20 @@ def reap_stale(
     return ReapResult(requeued=sorted(requeued), failed=failed, cancelled=cancelled)
 
 
-def unpublished(
-    *,
-    session: Session,
-    experiment_id: int | None = None,
-    older_than: float | None = None,
-    now: datetime | None = None,
-) -> list[int]:
-    """Ids of queued runs whose message was never handed to the broker.
+def orphans(*, session: Session, older_than: float, now: datetime | None = None) -> list[int]:
+    """Ids of queued runs created over ``older_than`` seconds ago and never handed to the broker.
 
-    ``older_than`` (seconds since the run was created) skips runs a submitter
-    may be publishing right now.
+    Their submitter died between its commit and its publish (``mlpq retry``
+    sends them too). The age skips runs a submitter may be publishing right now.
     """
-    cond = [Run.status == RunStatus.queued, ~Run.published]
-    if experiment_id is not None:
-        cond.append(Run.experiment_id == experiment_id)
-    if older_than is not None:
-        cond.append(Run.created_at < (now or utcnow()) - timedelta(seconds=older_than))
-    return list(session.execute(select(Run.id).where(*cond).order_by(Run.id)).scalars())
+    cutoff = (now or utcnow()) - timedelta(seconds=older_than)
+    return list(
+        session.execute(
+            select(Run.id)
+            .where(Run.status == RunStatus.queued, ~Run.published, Run.created_at < cutoff)
+            .order_by(Run.id)
+        ).scalars()
+    )
 
 
 def _aware(value: datetime | None) -> datetime | None:

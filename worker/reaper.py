@@ -28,22 +28,22 @@ def reap_interval(settings: Settings) -> float:
 
 def reap_once(app: Celery, settings: Settings | None = None) -> list[int]:
     """Settle stale runs and (re)publish them and long-unsent queued runs; returns the ids sent."""
-    from service.db import session_scope
-    from service.runs import reap_stale, unpublished
+    from service.db import get_engine, session_scope
+    from service.runs import orphans, reap_stale
     from service.submit import publish_runs
 
     settings = settings or get_settings()
-    with session_scope() as session:
+    engine = get_engine(settings.database_url)
+    with session_scope(engine) as session:
         result = reap_stale(
             session=session,
             stale_seconds=settings.stale_seconds,
             max_attempts=settings.max_attempts,
         )
-        # Queued runs never handed to the broker (their submitter died mid-publish).
-        orphans = unpublished(session=session, older_than=settings.stale_seconds)
-    ids = sorted(set(result.requeued) | set(orphans))
+        unsent = orphans(session=session, older_than=settings.stale_seconds)
+    ids = sorted(set(result.requeued) | set(unsent))
     if ids:
-        publish_runs(app, ids)
+        publish_runs(app, ids, engine=engine)
     if ids or result.failed or result.cancelled:
         log.warning(
             "reaper: re-enqueued %d run(s) %s; %d used up their attempts (failed); %d cancelled",

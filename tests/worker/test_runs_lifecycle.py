@@ -21,11 +21,11 @@ from service.runs import (
     claim_run,
     finish_run,
     heartbeat,
+    orphans,
     prepare_resume,
     reap_stale,
     reset_finished,
     save_progress,
-    unpublished,
     worker_identity,
 )
 
@@ -238,7 +238,6 @@ def test_reap_requeues_stale_runs_and_settles_cancelled_and_exhausted(
     ids = add_runs(store_engine, [{**TINY_BACKPROP, "seed": s} for s in range(4)])
     for run_id in ids[:3]:
         _claim(store_engine, run_id, "gone:1")
-    exp_id = run_rows(store_engine)[ids[0]].experiment_id
     with _session(store_engine) as session:
         session.execute(
             Run.__table__.update().where(Run.id == ids[1]).values(cancel_requested=True)
@@ -258,7 +257,8 @@ def test_reap_requeues_stale_runs_and_settles_cancelled_and_exhausted(
         RunStatus.queued,
     ]
     with _session(store_engine) as session:
-        assert unpublished(session=session, experiment_id=exp_id) == [ids[0], ids[3]]
+        assert orphans(session=session, older_than=STALE) == []
+        assert orphans(session=session, older_than=STALE, now=later) == [ids[0], ids[3]]
 
 
 @pytest.mark.postgres

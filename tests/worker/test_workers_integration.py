@@ -1,0 +1,404 @@
+"""Real Celery worker processes against real Redis and PostgreSQL: the failure cases.
+
+Each test starts its own ``celery -A worker.app worker`` subprocesses (prefork)
+on a Redis db and a PostgreSQL schema of its own, with heartbeats, checkpoints
+and the stale age shrunk to fractions of a second, and stops them at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, select
+from worker_testlib import (
+    TINY_BACKPROP,
+    WorkerProcess,
+    add_runs,
+    metric_steps,
+    run_rows,
+    status_counts,
+    wait_for,
+    worker_env,
+)
+
+from service.models import Artifact, ArtifactKind, RunStatus, metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.postgres]
+
+HERE = Path(__file__).parent
+FINISHED = {"succeeded", "failed", "diverged", "cancelled"}
+# Long enough to be killed or redelivered mid-run (about 1 ms per epoch), short for CI.
+LONG_RUN: dict[str, Any] = {
+    "dataset": "moons",
+    "optimizer": "backprop",
+    "hidden": [32],
+    "activation": "tanh",
+    "batch_size": 8,
+    "learning_rate": 0.05,
+    "max_steps": 3000,
+    "seed": 7,
+}
+
+
+class Cluster:
+    """A store, a broker, settings for both, and the worker processes a test starts."""
+
+    def __init__(self, store_url: str, broker_url: str, home: Path, log_dir: Path) -> None:
+        from service.celery_app import make_app
+        from service.db import make_engine
+        from service.settings import load_settings
+
+        self.settings = {
+            "database_url": store_url,
+            "broker_url": broker_url,
+            "home": home,
+            "heartbeat_seconds": 0.2,
+            "checkpoint_seconds": 0.3,
+            "metrics_flush_seconds": 0.3,
+            "stale_seconds": 3,
+            "max_attempts": 3,
+        }
+        self.engine: Engine = make_engine(store_url)
+        self.app = make_app(load_settings(**self.settings))
+        self.log_dir = log_dir
+        self.workers: list[WorkerProcess] = []
+
+    def start_worker(
+        self, name: str, *, concurrency: int = 2, app: str = "worker.app"
+    ) -> WorkerProcess:
+        proc = WorkerProcess(
+            worker_env(**self.settings),
+            self.log_dir / f"{name}.log",
+            concurrency=concurrency,
+            name=name,
+            app=app,
+            extra_path=HERE,
+        )
+        self.workers.append(proc)
+        wait_for(
+            lambda: "ready." in proc.log() or proc.proc.poll() is not None,
+            timeout=30,
+            what=f"worker {name} to start",
+        )
+        assert proc.proc.poll() is None, proc.log()
+        return proc
+
+    def submit(self, configs: list[dict[str, Any]], name: str = "exp") -> list[int]:
+        from service.submit import publish_runs
+
+        ids = add_runs(self.engine, configs, name=name)
+        publish_runs(self.app, ids, engine=self.engine)
+        return ids
+
+    def wait_finished(self, ids: list[int], *, timeout: float) -> dict[int, Any]:
+        def done() -> bool:
+            counts = status_counts(self.engine, ids)
+            return sum(n for s, n in counts.items() if s in FINISHED) == len(ids)
+
+        try:
+            wait_for(done, timeout=timeout, what=f"{len(ids)} runs to finish", every=0.2)
+        except AssertionError:
+            logs = "\n".join(w.log()[-3000:] for w in self.workers)
+            raise AssertionError(
+                f"runs not finished: {status_counts(self.engine, ids)}\n{logs}"
+            ) from None
+        return run_rows(self.engine, ids)
+
+    def close(self) -> None:
+        for proc in self.workers:
+            proc.stop()
+        self.app.close()
+        self.engine.dispose()
+
+
+@pytest.fixture
+def cluster(pg_store_url: str, redis_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(pg_store_url, redis_url, tmp_path / "home", tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _assert_steps_contiguous(engine: Engine, run_id: int, last: int) -> None:
+    assert metric_steps(engine, run_id) == list(range(1, last + 1))
+
+
+def _artifact_kinds(engine: Engine, run_id: int) -> list[str]:
+    with engine.connect() as conn:
+        kinds = conn.execute(select(Artifact.kind).where(Artifact.run_id == run_id)).scalars()
+        return sorted(ArtifactKind(k).value for k in kinds)
+
+
+def _loss_series(engine: Engine, run_id: int) -> np.ndarray:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(metrics.c.train_loss, metrics.c.val_loss)
+            .where(metrics.c.run_id == run_id)
+            .order_by(metrics.c.step)
+        ).all()
+    return np.array(rows, dtype=float)
+
+
+def _reference_series(config: dict[str, Any]) -> np.ndarray:
+    """The losses of one uninterrupted training of ``config``, in this process."""
+    from engine import TrainConfig, Trainer, load_dataset
+
+    cfg = TrainConfig.from_dict(config)
+    data = load_dataset(cfg.dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, dtype=cfg.dtype)
+    records = [r for r in Trainer(cfg, data).steps() if r is not None]
+    return np.array([(r["train_loss"], r["val_loss"]) for r in records], dtype=float)
+
+
+def test_grid_of_both_methods_succeeds_with_every_metric_step_and_one_weights_each(
+    cluster: Cluster,
+) -> None:
+    configs = [{**TINY_BACKPROP, "seed": s, "max_steps": 15} for s in range(25)] + [
+        {
+            "dataset": "moons",
+            "optimizer": "random_walk",
+            "hidden": [8],
+            "max_steps": 25,
+            "step_size": 0.1,
+            "candidates": 4,
+            "seed": s,
+        }
+        for s in range(25)
+    ]
+    cluster.start_worker("w1")
+    ids = cluster.submit(configs)
+    rows = cluster.wait_finished(ids, timeout=90)
+    assert {RunStatus(r.status).value for r in rows.values()} == {"succeeded"}
+    for run_id, row in rows.items():
+        _assert_steps_contiguous(cluster.engine, run_id, row.max_steps)
+        assert _artifact_kinds(cluster.engine, run_id) == ["weights"]
+        assert row.attempt == 1 and row.iterations == row.max_steps
+
+
+def test_worker_child_killed_mid_run_resumes_from_checkpoint_and_stores_one_training(
+    cluster: Cluster,
+) -> None:
+    worker = cluster.start_worker("w1")
+    (run_id,) = cluster.submit([LONG_RUN])
+
+    def checkpointed_owner() -> str | None:
+        row = run_rows(cluster.engine, [run_id])[run_id]
+        return row.worker if "checkpoint" in _artifact_kinds(cluster.engine, run_id) else None
+
+    owner = wait_for(checkpointed_owner, timeout=30, what="a first checkpoint")
+    child = int(owner.rpartition(":")[2])
+    assert child in worker.children()
+    os.kill(child, signal.SIGKILL)
+
+    row = cluster.wait_finished([run_id], timeout=60)[run_id]
+    assert RunStatus(row.status) is RunStatus.succeeded
+    assert row.attempt == 2 and row.resumed_from_step > 0
+    assert row.worker != owner
+    _assert_steps_contiguous(cluster.engine, run_id, LONG_RUN["max_steps"])
+    assert _artifact_kinds(cluster.engine, run_id) == ["weights"]
+    np.testing.assert_allclose(
+        _loss_series(cluster.engine, run_id), _reference_series(LONG_RUN), rtol=1e-9
+    )
+
+
+def test_redelivery_after_visibility_timeout_is_refused_while_the_run_still_trains(
+    cluster: Cluster,
+) -> None:
+    # Two workers whose Redis transport re-delivers an unacked message after 1 s.
+    first = cluster.start_worker("w1", concurrency=1, app="shortvis_app")
+    second = cluster.start_worker("w2", concurrency=1, app="shortvis_app")
+    (run_id,) = cluster.submit([LONG_RUN])
+    row = cluster.wait_finished([run_id], timeout=60)[run_id]
+    logs = first.log() + second.log()
+    assert f"run {run_id}: message dropped: run {run_id} is running on" in logs
+    assert RunStatus(row.status) is RunStatus.succeeded
+    assert row.attempt == 1 and row.resumed_from_step is None
+    _assert_steps_contiguous(cluster.engine, run_id, LONG_RUN["max_steps"])
+    np.testing.assert_allclose(
+        _loss_series(cluster.engine, run_id), _reference_series(LONG_RUN), rtol=1e-9
+    )
+
+
+def test_huge_learning_rate_diverges_and_the_other_runs_are_unaffected(cluster: Cluster) -> None:
+    sine = {
+        "dataset": "sine",
+        "optimizer": "backprop",
+        "hidden": [8],
+        "activation": "relu",
+        "max_steps": 30,
+    }
+    configs = [{**sine, "learning_rate": 100.0}] + [
+        {**sine, "learning_rate": 0.05, "seed": s} for s in range(3)
+    ]
+    cluster.start_worker("w1")
+    bad, *good = cluster.submit(configs)
+    rows = cluster.wait_finished([bad, *good], timeout=60)
+    assert RunStatus(rows[bad].status) is RunStatus.diverged
+    assert rows[bad].stop_reason == "diverged"
+    assert rows[bad].iterations < 30
+    assert _artifact_kinds(cluster.engine, bad) == ["weights"]
+    for run_id in good:
+        assert RunStatus(rows[run_id].status) is RunStatus.succeeded
+        _assert_steps_contiguous(cluster.engine, run_id, 30)
+
+
+def test_message_for_a_missing_run_is_dropped_with_a_log_line_and_the_worker_goes_on(
+    cluster: Cluster,
+) -> None:
+    from service.celery_app import TRAIN_TASK
+
+    worker = cluster.start_worker("w1", concurrency=1)
+    cluster.app.send_task(TRAIN_TASK, args=[987654])
+    cluster.app.send_task(TRAIN_TASK, args=["not-an-id"])
+    (run_id,) = cluster.submit([TINY_BACKPROP])
+    row = cluster.wait_finished([run_id], timeout=30)[run_id]
+    assert RunStatus(row.status) is RunStatus.succeeded
+    log = worker.log()
+    assert "run 987654: message dropped: run 987654 does not exist" in log
+    assert "run id must be an integer, got 'not-an-id'" in log
+    assert worker.proc.poll() is None
+
+
+def test_cancel_stops_the_running_run_keeping_its_metrics_and_queued_runs_never_start(
+    cluster: Cluster,
+) -> None:
+    from service.db import session_scope
+    from service.runs import cancel_experiment
+
+    cluster.start_worker("w1", concurrency=1)
+    running, *queued = cluster.submit([LONG_RUN, TINY_BACKPROP, {**TINY_BACKPROP, "seed": 1}])
+    wait_for(
+        lambda: len(metric_steps(cluster.engine, running)) > 0,
+        timeout=30,
+        what="the first metrics of the long run",
+    )
+    exp_id = run_rows(cluster.engine, [running])[running].experiment_id
+    with session_scope(cluster.engine) as session:
+        result = cancel_experiment(session=session, experiment_id=exp_id)
+    assert (result.cancelled, result.requested) == (2, 1)
+    rows = cluster.wait_finished([running, *queued], timeout=30)
+    assert {RunStatus(r.status) for r in rows.values()} == {RunStatus.cancelled}
+    steps = metric_steps(cluster.engine, running)
+    assert 0 < len(steps) < LONG_RUN["max_steps"]
+    assert steps == list(range(1, len(steps) + 1))
+    for run_id in queued:
+        assert rows[run_id].attempt == 0 and metric_steps(cluster.engine, run_id) == []
+
+
+def test_run_of_a_killed_worker_is_reaped_and_resumed_by_another_worker(
+    cluster: Cluster,
+) -> None:
+    doomed = cluster.start_worker("w1", concurrency=1)
+    (run_id,) = cluster.submit([LONG_RUN])
+    wait_for(
+        lambda: "checkpoint" in _artifact_kinds(cluster.engine, run_id),
+        timeout=30,
+        what="a first checkpoint",
+    )
+    # The whole worker dies: nobody rejects the message, Redis keeps it unacked for hours.
+    doomed.kill()
+    cluster.start_worker("w2", concurrency=1)
+    row = cluster.wait_finished([run_id], timeout=60)[run_id]
+    assert RunStatus(row.status) is RunStatus.succeeded
+    assert row.attempt == 2 and row.resumed_from_step > 0
+    _assert_steps_contiguous(cluster.engine, run_id, LONG_RUN["max_steps"])
+    assert "reaper: re-enqueued 1 run(s)" in cluster.workers[-1].log()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of the test's own, with the append-only file on, restartable."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port()
+        self.dir = directory
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed", pytrace=False)
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_for(up, timeout=10, what="redis-server to start")
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # SIGTERM: Redis flushes the append-only file and exits.
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+def test_redis_restart_mid_grid_every_run_completes(pg_store_url: str, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    c = Cluster(pg_store_url, server.url, tmp_path / "home", tmp_path)
+    try:
+        configs = [
+            {**TINY_BACKPROP, "seed": s, "max_steps": 200, "batch_size": 16} for s in range(30)
+        ]
+        c.start_worker("w1")
+        ids = c.submit(configs)
+
+        def some_done() -> bool:
+            return status_counts(c.engine, ids).get("succeeded", 0) >= 4
+
+        wait_for(some_done, timeout=30, what="the first runs to finish")
+        server.stop()
+        time.sleep(1.0)
+        server.start()
+        rows = c.wait_finished(ids, timeout=120)
+        assert {RunStatus(r.status).value for r in rows.values()} == {"succeeded"}
+        done_before = sum(1 for r in rows.values() if r.attempt == 1)
+        assert done_before >= 4
+        for run_id in ids:
+            _assert_steps_contiguous(c.engine, run_id, 200)
+    finally:
+        c.close()
+        server.stop()
