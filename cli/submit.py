@@ -1,9 +1,321 @@
-"""Placeholder: filled in by the submit work."""
+"""``mlpq submit``: validate a grid (file or inline options), store its runs, queue them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from service.grid import Grid
+    from service.submit import SubmitReport
+
+_INLINE = "Inline grid (instead of a file; a comma makes a list)"
+# Grids at least this big get progress bars.
+PROGRESS_MIN_RUNS = 2000
+# Runs shown by --dry-run.
+SAMPLE_ROWS = 12
+
+Opt = Annotated[str | None, typer.Option(rich_help_panel=_INLINE)]
+
+
+def submit(
+    grid_file: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[GRID]", help="Grid file (.yaml, .json or .toml); omit to use inline options."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Experiment name (default: the grid's name or file name).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and show the runs; write and send nothing.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Run configs again that already succeeded or diverged.")
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Submit grids larger than MLPQ_MAX_GRID_RUNS.")
+    ] = False,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="Built-in dataset(s) or a CSV file (with --target).", rich_help_panel=_INLINE
+        ),
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Target column of a CSV dataset.", rich_help_panel=_INLINE)
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="CSV task: multiclass, binary or regression.", rich_help_panel=_INLINE),
+    ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help="backprop, random_walk or both (comma).", rich_help_panel=_INLINE),
+    ] = None,
+    hidden: Annotated[
+        str | None, typer.Option(help="Hidden layers, e.g. 16,32x16.", rich_help_panel=_INLINE)
+    ] = None,
+    activation: Annotated[
+        str | None, typer.Option(help="relu, tanh, sigmoid, ...", rich_help_panel=_INLINE)
+    ] = None,
+    init: Opt = None,
+    epochs: Annotated[
+        str | None, typer.Option(help="Backprop budget (max_steps).", rich_help_panel=_INLINE)
+    ] = None,
+    iterations: Annotated[
+        str | None, typer.Option(help="Random-walk budget (max_steps).", rich_help_panel=_INLINE)
+    ] = None,
+    time_limit: Annotated[
+        str | None, typer.Option(help="Seconds per run.", rich_help_panel=_INLINE)
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option(help="Number of seeds: 3 means 0,1,2.", rich_help_panel=_INLINE)
+    ] = None,
+    seed: Annotated[
+        str | None, typer.Option(help="Explicit seeds, e.g. 0,7,42.", rich_help_panel=_INLINE)
+    ] = None,
+    learning_rate: Annotated[
+        str | None, typer.Option("--lr", "--learning-rate", rich_help_panel=_INLINE)
+    ] = None,
+    batch_size: Opt = None,
+    momentum: Opt = None,
+    weight_decay: Opt = None,
+    lr_decay: Opt = None,
+    step_size: Opt = None,
+    temperature: Opt = None,
+    cooling: Opt = None,
+    adapt_step: Opt = None,
+    target_acceptance: Opt = None,
+    candidates: Opt = None,
+    dtype: Opt = None,
+    val_fraction: Opt = None,
+    log_every: Opt = None,
+    target_loss: Opt = None,
+    patience: Opt = None,
+) -> None:
+    """Validate a grid, store one run per configuration and send them to the workers.
+
+    The whole grid is checked first; an invalid grid writes nothing. Configs that
+    already succeeded (anywhere in the store) are skipped unless --force; queued
+    or running ones are not duplicated; failed or cancelled ones of this
+    experiment are queued again.
+    """
+    from service.exceptions import GridError
+    from service.grid import load_grid
+    from service.grid_inline import inline_grid
+    from service.settings import get_settings
+
+    inline: dict[str, str | None] = {
+        "dataset": dataset,
+        "hidden": hidden,
+        "activation": activation,
+        "init": init,
+        "dtype": dtype,
+        "val_fraction": val_fraction,
+        "log_every": log_every,
+        "target_loss": target_loss,
+        "patience": patience,
+        "epochs": epochs,
+        "iterations": iterations,
+        "time_limit": time_limit,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "lr_decay": lr_decay,
+        "step_size": step_size,
+        "temperature": temperature,
+        "cooling": cooling,
+        "adapt_step": adapt_step,
+        "target_acceptance": target_acceptance,
+        "candidates": candidates,
+    }
+    extras = {"optimizer": optimizer, "seeds": seeds, "seed": seed, "target": target, "task": task}
+    given = [k for k, v in {**inline, **extras}.items() if v is not None]
+    settings = get_settings()
+    console = Console(stderr=True)
+    with _progress(console) as bar:
+        if grid_file is not None:
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise GridError(f"{flag}: give a grid file or inline options, not both")
+            grid = load_grid(
+                grid_file, name=name, max_runs=settings.max_grid_runs, yes=yes, progress=bar
+            )
+        elif given:
+            grid = inline_grid(
+                inline,
+                optimizers=optimizer,
+                seeds=seeds,
+                seed=seed,
+                target=target,
+                task=task,
+                name=name,
+                max_runs=settings.max_grid_runs,
+                yes=yes,
+                progress=bar,
+            )
+        else:
+            raise GridError("submit: give a grid file (mlpq submit grid.yaml) or --dataset ...")
+        if dry_run:
+            bar.stop()
+            _show_dry_run(grid)
+            return
+        report = _submit(grid, force=force, progress=bar)
+    _show_report(report)
+    if report.unsent:
+        raise typer.Exit(code=1)
+
+
+def _submit(grid: Grid, *, force: bool, progress: Any) -> SubmitReport:
+    from service.celery_app import make_app
+    from service.db import get_engine
+    from service.submit import submit as do_submit
+
+    return do_submit(grid=grid, engine=get_engine(), app=make_app(), force=force, progress=progress)
+
+
+class _Bar:
+    """A rich progress display fed by (phase, done, total) callbacks; shown for big grids only."""
+
+    LABELS: ClassVar[dict[str, str]] = {
+        "expand": "validate",
+        "insert": "insert",
+        "publish": "publish",
+    }
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress: Progress | None = None
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if total < PROGRESS_MIN_RUNS:
+            return
+        if self.progress is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description:>9}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.start()
+        if phase not in self.tasks:
+            self.tasks[phase] = self.progress.add_task(self.LABELS.get(phase, phase), total=total)
+        self.progress.update(self.tasks[phase], completed=done, total=total)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _progress(console: Console) -> _Bar:
+    return _Bar(console)
+
+
+def _cell(key: str, value: Any) -> str:
+    from service.grid import hidden_label
+
+    if value is None:
+        return "-"
+    if key == "hidden":
+        return hidden_label(value) or "none"
+    if key == "dataset" and str(value).startswith("csv:"):
+        return str(value)[:12] + "…"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _show_dry_run(grid: Grid) -> None:
+    console = Console()
+    n = len(grid.runs)
+    by_optimizer: dict[str, list[dict[str, Any]]] = {}
+    for run in grid.runs:
+        by_optimizer.setdefault(run.config["optimizer"], []).append(run.config)
+    # Columns only for what differs between runs of one optimizer; the rest is printed once.
+    varying: list[str] = ["optimizer"] if len(by_optimizer) > 1 else []
+    fixed: dict[str, dict[str, Any]] = {}
+    for optimizer, configs in by_optimizer.items():
+        for key in configs[0]:
+            if len({repr(c.get(key)) for c in configs}) > 1:
+                if key not in varying:
+                    varying.append(key)
+            else:
+                fixed.setdefault(optimizer, {})[key] = configs[0][key]
+    picks = sorted(
+        {round(i * (n - 1) / max(1, SAMPLE_ROWS - 1)) for i in range(min(n, SAMPLE_ROWS))}
+    )
+    table = Table(title=f"{grid.name}: {n} run(s) from {grid.source} (dry run: nothing written)")
+    table.add_column("#", justify="right")
+    for key in varying:
+        table.add_column(key)
+    for i in picks:
+        config = grid.runs[i].config
+        table.add_row(str(i + 1), *(_cell(k, config.get(k)) for k in varying))
+    console.print(table)
+    for optimizer, values in fixed.items():
+        shown = ", ".join(f"{k}={_cell(k, v)}" for k, v in values.items() if k not in varying)
+        console.print(f"{optimizer}, in every run: {shown}", highlight=False)
+    notes = [f"{n} run(s)"]
+    if grid.excluded:
+        notes.append(f"{grid.excluded} excluded")
+    if grid.duplicates:
+        notes.append(f"{grid.duplicates} duplicate(s) dropped")
+    if grid.datasets:
+        notes.append(f"{len(grid.datasets)} CSV file(s) to store")
+    console.print(", ".join(notes), highlight=False)
+
+
+def _show_report(report: SubmitReport) -> None:
+    console = Console()
+    parts = [f"{report.new} new"]
+    if report.requeued:
+        parts.append(f"{report.requeued} requeued (failed/cancelled)")
+    if report.forced:
+        parts.append(f"{report.forced} forced again")
+    parts.append(f"{report.skipped_done} skipped (already succeeded/diverged)")
+    parts.append(f"{report.already_queued} already queued/running")
+    verb = "created" if report.created else "updated"
+    console.print(
+        f"[bold]{report.experiment}[/bold] ({verb}, id {report.experiment_id}): "
+        f"{report.total} run(s) in the grid: " + ", ".join(parts)
+    )
+    console.print(f"{report.published} message(s) published")
+    if report.unsent:
+        Console(stderr=True).print(
+            f"[red]{report.unsent} run(s) queued but unsent[/red]: {report.publish_error}\n"
+            f"They stay in the store; `mlpq submit` the same grid again or "
+            f"`mlpq retry {report.experiment}` sends them.",
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``mlpq submit`` to ``app``."""
+    app.command("submit")(submit)

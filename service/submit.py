@@ -1,0 +1,382 @@
+"""Submit an expanded grid: runs in SQL in one transaction, then one message per run.
+
+Re-submitting (same experiment name or not) is safe. Per config hash:
+
+- queued or running anywhere in the store: not duplicated (``already_queued``);
+  if its message was never sent, it is sent now;
+- succeeded or diverged anywhere: skipped (``skipped_done``) — a run is
+  deterministic given its config and seed, so running it again gives the same
+  result — unless ``force``, which adds a new run and keeps the old one;
+- failed or cancelled in this experiment: the run is reset and queued again in
+  place (``requeued``), its old metrics and artifacts deleted;
+- otherwise a new run (``new``).
+
+Publishing happens after the commit, in batches on one connection and one
+producer (kombu's ``Producer.batch()`` pipelines the LPUSHes on Redis); each
+batch's runs are marked ``published`` once the broker has them. If the broker
+fails midway, the rest stay queued with ``published = false``; ``publish_pending``
+(or the same submit again) sends them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Connection, Engine, delete, insert, select, text, update
+
+from service.celery_app import QUEUE, TRAIN_TASK
+from service.exceptions import BrokerError
+from service.grid import Grid, hidden_label
+from service.ingest import store_dataset
+from service.models import (
+    SUMMARY_COLUMNS,
+    Artifact,
+    Experiment,
+    Run,
+    RunStatus,
+    metrics,
+    utcnow,
+)
+
+Progress = Callable[[str, int, int], None]
+
+#: Messages handed to the broker per batch (one Redis pipeline, one UPDATE ... published).
+PUBLISH_BATCH = 2000
+#: Rows per INSERT chunk (progress granularity; all chunks share one transaction).
+INSERT_CHUNK = 5000
+#: Hashes per IN (...) lookup; SQLite allows 32766 parameters per statement.
+LOOKUP_CHUNK = 5000
+# Serializes submits on PostgreSQL, so two submitting the same grid cannot both insert it.
+_PG_SUBMIT_LOCK = 0x6D6C7071  # "mlpq"
+
+_RUNS = Run.__table__
+_IN_FLIGHT = frozenset({RunStatus.queued, RunStatus.running})
+_DONE = frozenset({RunStatus.succeeded, RunStatus.diverged})
+_REQUEUE = frozenset({RunStatus.failed, RunStatus.cancelled})
+# Optimizer-specific columns of ``runs``; NULL for the other optimizer's runs.
+_PARAM_COLUMNS = (
+    "learning_rate",
+    "batch_size",
+    "momentum",
+    "step_size",
+    "temperature",
+    "candidates",
+)
+
+
+@dataclass
+class SubmitReport:
+    """What a submit did, for the summary line and for tests."""
+
+    experiment_id: int
+    experiment: str
+    created: bool  # the experiment is new
+    total: int  # runs in the grid
+    new: int = 0
+    requeued: int = 0  # failed/cancelled runs of this experiment queued again
+    forced: int = 0  # new runs of configs already done (--force)
+    skipped_done: int = 0  # succeeded or diverged somewhere in the store
+    already_queued: int = 0  # queued or running somewhere in the store
+    published: int = 0
+    unsent: int = 0  # queued but not handed to the broker
+    publish_error: str | None = None
+    run_ids: list[int] = field(default_factory=list)  # runs queued by this submit
+
+
+class PublishError(BrokerError):
+    """The broker failed while publishing; ``sent`` messages got through."""
+
+    def __init__(self, message: str, sent: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+# -- publishing -------------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _broker_errors(app: Celery, conn: Any) -> tuple[type[BaseException], ...]:
+    from kombu.exceptions import KombuError
+
+    return (
+        KombuError,
+        OSError,
+        *getattr(conn, "connection_errors", ()),
+        *getattr(conn, "channel_errors", ()),
+    )
+
+
+def check_broker(app: Celery) -> None:
+    """Connect to the broker once; BrokerError (one line) if it cannot be reached."""
+    with app.connection_for_write() as conn:
+        try:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=5)
+        except Exception as exc:
+            url = conn.as_uri()
+            raise BrokerError(f"broker {url}: cannot connect: {_first_line(exc)}") from None
+
+
+def publish_runs(
+    app: Celery,
+    run_ids: Sequence[int],
+    *,
+    engine: Engine | None = None,
+    progress: Progress | None = None,
+    batch_size: int = PUBLISH_BATCH,
+) -> int:
+    """Publish one ``TRAIN_TASK`` message per run (args ``[run_id]``) and mark them published.
+
+    One connection, one producer; messages go in batches (one Redis pipeline each)
+    and each batch is marked ``published`` once the broker has it. Returns the
+    number sent; raises ``PublishError`` (with ``.sent``) if the broker fails, the
+    runs not sent staying ``published = false``. A message is never dropped, but
+    a batch the broker took without confirming is sent again by a later publish:
+    delivery is at least once, and the worker's claim makes a second message a no-op.
+    """
+    from service.db import get_engine
+
+    ids = [int(i) for i in run_ids]
+    if not ids:
+        return 0
+    engine = engine or get_engine()
+    amqp = app.amqp
+    create = amqp.create_task_message
+    send = amqp.send_task_message
+    sent = 0
+    with app.connection_for_write() as conn:
+        errors = _broker_errors(app, conn)
+        try:
+            producer = amqp.Producer(conn, auto_declare=False)
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start : start + batch_size]
+                with producer.batch(max_size=len(chunk) + 1):
+                    for run_id in chunk:
+                        task_id = str(uuid.uuid4())
+                        message = create(
+                            task_id,
+                            TRAIN_TASK,
+                            (run_id,),
+                            {},
+                            argsrepr=f"({run_id},)",
+                            kwargsrepr="{}",
+                        )
+                        send(producer, TRAIN_TASK, message, queue=QUEUE, retry=False)
+                _mark_published(engine, chunk)
+                sent += len(chunk)
+                if progress is not None:
+                    progress("publish", sent, len(ids))
+        except errors as exc:
+            raise PublishError(
+                f"broker {conn.as_uri()}: publishing failed after {sent} of {len(ids)} "
+                f"message(s): {_first_line(exc)}",
+                sent,
+            ) from exc
+    return sent
+
+
+def _mark_published(engine: Engine, ids: Sequence[int]) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(_RUNS).where(_RUNS.c.id.in_(ids)).values(published=True))
+
+
+def pending_ids(*, engine: Engine, experiment_id: int | None = None) -> list[int]:
+    """Ids of queued runs whose message was never handed to the broker, oldest first."""
+    cond = [_RUNS.c.status == RunStatus.queued, _RUNS.c.published.is_(False)]
+    if experiment_id is not None:
+        cond.append(_RUNS.c.experiment_id == experiment_id)
+    with engine.connect() as conn:
+        return list(conn.execute(select(_RUNS.c.id).where(*cond).order_by(_RUNS.c.id)).scalars())
+
+
+def publish_pending(
+    *,
+    app: Celery,
+    engine: Engine,
+    experiment_id: int | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Send the messages of queued runs that were never sent (all, or one experiment's)."""
+    return publish_runs(
+        app,
+        pending_ids(engine=engine, experiment_id=experiment_id),
+        engine=engine,
+        progress=progress,
+    )
+
+
+# -- the store side -----------------------------------------------------------------------------
+
+
+def run_row(experiment_id: int, run: Any, now: Any) -> dict[str, Any]:
+    """The ``runs`` row of a RunSpec (config, hash and the hyperparameter columns)."""
+    config = run.config
+    row = {
+        "experiment_id": experiment_id,
+        "config": config,
+        "config_hash": run.config_hash,
+        "optimizer": config["optimizer"],
+        "dataset": config["dataset"],
+        "hidden": hidden_label(config["hidden"]),
+        "activation": config["activation"],
+        "seed": config["seed"],
+        "max_steps": config["max_steps"],
+        "status": RunStatus.queued,
+        "published": False,
+        "attempt": 0,
+        "cancel_requested": False,
+        "created_at": now,
+    }
+    for column in _PARAM_COLUMNS:
+        row[column] = config.get(column)
+    return row
+
+
+_RESET: dict[str, Any] = {
+    "status": RunStatus.queued,
+    "published": False,
+    "attempt": 0,
+    "worker": None,
+    "heartbeat_at": None,
+    "started_at": None,
+    "finished_at": None,
+    "cancel_requested": False,
+    "resumed_from_step": None,
+    "stop_reason": None,
+    "error": None,
+    **dict.fromkeys(SUMMARY_COLUMNS),
+}
+
+
+def _lock(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SUBMIT_LOCK})
+    # SQLite: the store's transactions begin IMMEDIATE, which already serializes writers.
+
+
+def _experiment(conn: Connection, grid: Grid) -> tuple[int, bool]:
+    table = Experiment.__table__
+    found = conn.execute(select(table.c.id).where(table.c.name == grid.name)).scalar()
+    if found is not None:
+        # The spec records the latest submission of the grid.
+        conn.execute(update(table).where(table.c.id == found).values(spec=grid.spec))
+        return found, False
+    new_id = conn.execute(
+        insert(table)
+        .values(name=grid.name, spec=grid.spec, created_at=utcnow())
+        .returning(table.c.id)
+    ).scalar_one()
+    return new_id, True
+
+
+def _existing(
+    conn: Connection, hashes: Iterable[str]
+) -> dict[str, list[tuple[int, int, RunStatus, bool]]]:
+    """config_hash -> [(run id, experiment id, status, published)] for runs already stored."""
+    found: dict[str, list[tuple[int, int, RunStatus, bool]]] = {}
+    hashes = list(hashes)
+    cols = (
+        _RUNS.c.id,
+        _RUNS.c.experiment_id,
+        _RUNS.c.status,
+        _RUNS.c.published,
+        _RUNS.c.config_hash,
+    )
+    for start in range(0, len(hashes), LOOKUP_CHUNK):
+        chunk = hashes[start : start + LOOKUP_CHUNK]
+        for rid, eid, status, published, digest in conn.execute(
+            select(*cols).where(_RUNS.c.config_hash.in_(chunk))
+        ):
+            found.setdefault(digest, []).append((rid, eid, RunStatus(status), bool(published)))
+    return found
+
+
+def _insert_runs(
+    conn: Connection, rows: list[dict[str, Any]], progress: Progress | None
+) -> list[int]:
+    ids: list[int] = []
+    stmt = insert(_RUNS).returning(_RUNS.c.id, sort_by_parameter_order=True)
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[start : start + INSERT_CHUNK]
+        ids.extend(conn.execute(stmt, chunk).scalars())
+        if progress is not None:
+            progress("insert", start + len(chunk), len(rows))
+    return ids
+
+
+def _requeue(conn: Connection, ids: list[int]) -> None:
+    # Back to a fresh start: a failed run resumed from its checkpoint would likely fail again.
+    for start in range(0, len(ids), LOOKUP_CHUNK):
+        chunk = ids[start : start + LOOKUP_CHUNK]
+        conn.execute(update(_RUNS).where(_RUNS.c.id.in_(chunk)).values(_RESET))
+        conn.execute(delete(metrics).where(metrics.c.run_id.in_(chunk)))
+        conn.execute(delete(Artifact.__table__).where(Artifact.__table__.c.run_id.in_(chunk)))
+
+
+def submit(
+    *,
+    grid: Grid,
+    engine: Engine,
+    app: Celery,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> SubmitReport:
+    """Store ``grid``'s runs in one transaction, then publish one message per queued run.
+
+    See the module docstring for what happens to configs already in the store.
+    The broker is checked first, so an unreachable broker writes nothing. A broker
+    failure while publishing does not raise: the report says how many runs stayed
+    unsent (``unsent``, ``publish_error``).
+    """
+    check_broker(app)
+    to_publish: list[int] = []
+    with engine.begin() as conn:
+        _lock(conn)
+        for csv in grid.datasets:
+            store_dataset(conn, csv.name, csv.data)
+        experiment_id, created = _experiment(conn, grid)
+        report = SubmitReport(experiment_id, grid.name, created, total=len(grid.runs))
+        existing = _existing(conn, (r.config_hash for r in grid.runs))
+        now = utcnow()
+        rows: list[dict[str, Any]] = []
+        requeue: list[int] = []
+        unsent: list[int] = []
+        for run in grid.runs:
+            matches = existing.get(run.config_hash, ())
+            in_flight = [m for m in matches if m[2] in _IN_FLIGHT]
+            if in_flight:
+                report.already_queued += 1
+                unsent.extend(m[0] for m in in_flight if m[2] is RunStatus.queued and not m[3])
+                continue
+            if any(m[2] in _DONE for m in matches):
+                if not force:
+                    report.skipped_done += 1
+                    continue
+                report.forced += 1
+                rows.append(run_row(experiment_id, run, now))
+                continue
+            mine = [m for m in matches if m[1] == experiment_id and m[2] in _REQUEUE]
+            if mine:
+                requeue.append(mine[0][0])
+                continue
+            rows.append(run_row(experiment_id, run, now))
+        report.new = len(rows) - report.forced
+        report.requeued = len(requeue)
+        new_ids = _insert_runs(conn, rows, progress)
+        _requeue(conn, requeue)
+    report.run_ids = new_ids + requeue
+    to_publish = sorted(set(report.run_ids) | set(unsent))
+    try:
+        report.published = publish_runs(app, to_publish, engine=engine, progress=progress)
+    except PublishError as exc:
+        report.published = exc.sent
+        report.publish_error = str(exc)
+    report.unsent = len(to_publish) - report.published
+    return report
