@@ -136,12 +136,12 @@ def _integer(key: str, value: Any) -> int:
 
 def _ranged(kind: Check, lo: float | None = None, hi: float | None = None,
             lo_open: bool = False, hi_open: bool = False) -> Check:
-    def check(key: str, value: Any) -> Any:
-        value = kind(key, value)
+    def check(key: str, given: Any) -> Any:
+        value = kind(key, given)
         if lo is not None and (value <= lo if lo_open else value < lo):
-            raise ConfigError(key, f"must be {'>' if lo_open else '>='} {lo:g}, got {value!r}")
+            raise ConfigError(key, f"must be {'>' if lo_open else '>='} {lo:g}, got {given!r}")
         if hi is not None and (value >= hi if hi_open else value > hi):
-            raise ConfigError(key, f"must be {'<' if hi_open else '<='} {hi:g}, got {value!r}")
+            raise ConfigError(key, f"must be {'<' if hi_open else '<='} {hi:g}, got {given!r}")
         return value
 
     return check

@@ -72,6 +72,13 @@ class Optimizer(ABC):
         The output array is a buffer, valid until the next call into the optimizer.
         """
 
+    def revert(self) -> None:
+        """Mark the run diverged: the trainer found the last step's training loss non-finite.
+
+        Afterwards ``result_params`` are finite numbers.
+        """
+        self.diverged = True
+
     @property
     def result_params(self) -> np.ndarray:
         """The parameters a run returns (the current point unless the method says otherwise)."""
@@ -179,6 +186,12 @@ class BackpropOptimizer(Optimizer):
                 velocity[...] = 0.0  # never used again; keeps the state finite
             grad_norm = None
         return {"grad_norm": grad_norm, "learning_rate": lr}
+
+    def revert(self) -> None:
+        """Go back to the parameters at the start of the last step."""
+        super().revert()
+        np.copyto(self.theta, self._start_of_step)
+        self._evaluated = None
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays, scalars = super().state()

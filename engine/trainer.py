@@ -24,10 +24,12 @@ Definitions the records and the summary rely on:
   no new lowest training loss (strictly lower than every earlier one,
   the initial evaluation included). ``target_loss``: the run stops once the
   training loss is at most ``target_loss``. Both look at ``train_loss`` above.
-- Divergence: a non-finite training loss stops the run at that step with
-  outcome "diverged"; the parameters go back to the end of the previous step
-  (always finite) and that step's record has None for every metric it could
-  not compute.
+- Divergence: a non-finite loss met by the optimizer during a step (backprop:
+  any batch loss, or a non-finite parameter after the step), or a non-finite
+  training loss at the run's last step, stops the run at that step with outcome
+  "diverged". The parameters go back to the start of that step (finite numbers)
+  and that step's record has None for every metric it could not compute. A
+  non-finite value never appears in a record: it is reported as None.
 - Summary: ``final_*`` evaluate the returned weights; ``best_val_*`` are the
   best over the logged records and the returned weights.
 """
@@ -130,38 +132,46 @@ class Trainer:
         cfg, opt = self.config, self._opt
         while self._stop_reason is None:
             t0 = time.perf_counter()
-            info = opt.step(self.step)
-            self.step += 1
-            self._evaluations += opt.passes_per_step
-            record: dict[str, Any] | None
-            if opt.diverged:
-                self._stop_reason = "diverged"
-                record = self._record(info, None)
-            else:
-                due = self.step % cfg.log_every == 0 or self.step >= cfg.max_steps
-                train = None
-                if due or cfg.patience is not None or cfg.target_loss is not None:
-                    train = opt.train_eval()
-                    loss = train[0]
-                    if loss < self._best_loss:
-                        self._best_loss, self._since_best = loss, 0
-                    else:
-                        self._since_best += 1
-                    if not math.isfinite(loss):
-                        self._stop_reason = "diverged"  # not reachable with the methods above
-                    elif cfg.target_loss is not None and loss <= cfg.target_loss:
-                        self._stop_reason = "target_loss"
-                    elif cfg.patience is not None and self._since_best >= cfg.patience:
-                        self._stop_reason = "patience"
-                if self._stop_reason is None and self.step >= cfg.max_steps:
-                    self._stop_reason = "max_steps"
-                record = None
-                if due or self._stop_reason is not None:
-                    record = self._record(info, train)
+            with np.errstate(over="ignore", invalid="ignore"):  # divergence is handled below
+                record = self._advance(cfg, opt)
             self._elapsed += time.perf_counter() - t0
             if record is not None:
                 record["elapsed"] = self._elapsed
             yield record
+
+    def _advance(self, cfg: TrainConfig, opt: Optimizer) -> dict[str, Any] | None:
+        """One step, its bookkeeping and (when due) its record."""
+        info = opt.step(self.step)
+        self.step += 1
+        self._evaluations += opt.passes_per_step
+        if opt.diverged:
+            self._stop_reason = "diverged"
+            return self._record(info, None)
+        due = self.step % cfg.log_every == 0 or self.step >= cfg.max_steps
+        train = None
+        if due or cfg.patience is not None or cfg.target_loss is not None:
+            train = opt.train_eval()
+            loss = train[0]
+            if loss < self._best_loss:
+                self._best_loss, self._since_best = loss, 0
+            else:
+                self._since_best += 1
+            if cfg.target_loss is not None and loss <= cfg.target_loss:
+                self._stop_reason = "target_loss"
+            elif cfg.patience is not None and self._since_best >= cfg.patience:
+                self._stop_reason = "patience"
+        if self._stop_reason is None and self.step >= cfg.max_steps:
+            self._stop_reason = "max_steps"
+        if self._stop_reason is not None and not math.isfinite(train[0]):
+            # The run ends on parameters with a non-finite loss: that is divergence.
+            # (Mid-run, a non-finite logged loss only shows as None; the optimizer's own
+            # checks stop the run, so logging never changes a run's course.)
+            opt.revert()
+            self._stop_reason = "diverged"
+            return self._record(info, None)
+        if due or self._stop_reason is not None:
+            return self._record(info, train)
+        return None
 
     def _record(self, info: dict[str, float | None], train: tuple[float, np.ndarray] | None
                 ) -> dict[str, Any]:
@@ -170,16 +180,18 @@ class Trainer:
         record["evaluations"] = float(self._evaluations)
         for key in _OPTIMIZER_FIELDS:
             if key in info:
-                value = info[key]
-                record[key] = float(value) if value is not None and math.isfinite(value) else None
-        if train is None:  # diverged: nothing trustworthy to measure
-            return record
-        loss, P = train
-        record["train_loss"] = float(loss)
-        record.update(self._scores("train", P, self.data.y_train))
-        P_val = self._val.forward(self._X_val)
-        record["val_loss"] = float(self.net.loss_function(self._Y_val, P_val))
-        record.update(self._scores("val", P_val, self.data.y_val))
+                record[key] = info[key]
+        if train is not None:  # None when diverged: nothing trustworthy to measure
+            loss, P = train
+            record["train_loss"] = loss
+            record.update(self._scores("train", P, self.data.y_train))
+            P_val = self._val.forward(self._X_val)
+            record["val_loss"] = float(self.net.loss_function(self._Y_val, P_val))
+            record.update(self._scores("val", P_val, self.data.y_val))
+        for key, value in record.items():  # no NaN or inf in a record: None instead
+            if key != "step" and value is not None:
+                value = float(value)
+                record[key] = value if math.isfinite(value) else None
         self._track_best(record)
         return record
 
@@ -217,6 +229,10 @@ class Trainer:
 
     def result(self) -> TrainResult:
         """Outcome, weights and summary as of now (callable at any point)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._result()
+
+    def _result(self) -> TrainResult:
         theta = self._opt.result_params
         net = self.net
         P = net.predict(theta, self._X)
@@ -230,14 +246,15 @@ class Trainer:
                  "val_loss": float(net.loss_function(self._Y_val, P_val))}
         final.update(self._scores("train", P, self.data.y_train))
         final.update(self._scores("val", P_val, self.data.y_val))
+        final = {k: _finite_or_none(v) for k, v in final.items()}
         best = dict(self._best_val)
         for key, better in (("loss", min), ("accuracy", max), ("r2", max)):
             value = final.get(f"val_{key}")
-            if value is not None and math.isfinite(value):
+            if value is not None:
                 best[key] = value if best[key] is None else better(best[key], value)
         summary = {
-            "final_train_loss": _finite_or_none(final["train_loss"]),
-            "final_val_loss": _finite_or_none(final["val_loss"]),
+            "final_train_loss": final["train_loss"],
+            "final_val_loss": final["val_loss"],
             "best_val_loss": best["loss"],
             "final_train_accuracy": final.get("train_accuracy"),
             "final_val_accuracy": final.get("val_accuracy"),
@@ -350,8 +367,8 @@ def _finite_or_inf(x: float) -> float:
     return x if math.isfinite(x) else math.inf
 
 
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 def _jsonable(classes: tuple | None) -> list | None:
