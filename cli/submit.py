@@ -100,7 +100,7 @@ def submit(
     log_every: Opt = None,
     target_loss: Opt = None,
     patience: Opt = None,
-) -> None:
+) -> SubmitReport | None:
     """Validate a grid, store one run per configuration and send them to the workers.
 
     The whole grid is checked first; an invalid grid writes nothing. Configs that
@@ -168,11 +168,13 @@ def submit(
         if dry_run:
             bar.stop()
             _show_dry_run(grid)
-            return
+            return None
         report = _submit(grid, force=force, progress=bar)
     _show_report(report)
     if report.unsent:
         raise typer.Exit(code=1)
+    # Returned for `mlpq run`, which submits through this command and then waits.
+    return report
 
 
 def _submit(grid: Grid, *, force: bool, progress: Any) -> SubmitReport:
