@@ -100,7 +100,7 @@ def submit(
     log_every: Opt = None,
     target_loss: Opt = None,
     patience: Opt = None,
-) -> SubmitReport | None:
+) -> Any:  # SubmitReport | None; Typer evaluates annotations, and that import is lazy
     """Validate a grid, store one run per configuration and send them to the workers.
 
     The whole grid is checked first; an invalid grid writes nothing. Configs that
