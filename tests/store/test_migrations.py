@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,5 +122,29 @@ def test_processes_starting_at_once_on_a_new_sqlite_store_migrate_it_once(
         with engine.connect() as conn:
             versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
         assert len(versions) == 1
+    finally:
+        engine.dispose()
+
+
+def mlpq(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MLPQ_DATABASE_URL": url}
+    code = "import sys; from cli.main import main; sys.argv[0] = 'mlpq'; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_mlpq_db_upgrade_migrates_an_empty_store(store_url: str) -> None:
+    engine = make_engine(store_url)
+    try:
+        downgrade(engine, "base")
+        assert "empty" in mlpq("db", "current", url=store_url).stdout
+        done = mlpq("db", "upgrade", url=store_url)
+        assert done.returncode == 0, done.stderr
+        assert mlpq("db", "current", url=store_url).stdout.strip() == head_revision()
+        assert schema_diff(engine) == []
+        bad = mlpq("db", "upgrade", "nosuch", url=store_url)
+        assert bad.returncode == 1
+        assert bad.stderr.startswith("mlpq: cannot migrate") and bad.stderr.count("\n") == 1
     finally:
         engine.dispose()
