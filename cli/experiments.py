@@ -1,9 +1,170 @@
-"""Placeholder: filled in by the experiments work."""
+"""``mlpq ls`` (experiments and their progress) and ``mlpq show`` (an experiment's leaderboard)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine, text
+
+from service.exceptions import MlpqError
+
+# Short column headers, so a leaderboard fits an 80-column terminal.
+_LABELS: dict[str, str] = {
+    "learning_rate": "lr",
+    "batch_size": "batch",
+    "step_size": "step",
+    "temperature": "temp",
+    "activation": "act",
+    "best_val_accuracy": "best val acc",
+    "final_val_accuracy": "val acc",
+    "best_val_loss": "best val loss",
+    "final_val_loss": "val loss",
+    "best_val_r2": "best val r2",
+    "final_val_r2": "val r2",
+}
+# A leaderboard ranks by the first of these an experiment has values for.
+DEFAULT_RANKING: tuple[str, ...] = ("best_val_accuracy", "best_val_r2", "best_val_loss")
+# Hyperparameter columns, shown when they differ between the runs listed.
+_PARAMS: tuple[str, ...] = (
+    "optimizer",
+    "hidden",
+    "activation",
+    "learning_rate",
+    "batch_size",
+    "step_size",
+    "temperature",
+    "seed",
+)
+_STATUSES: tuple[str, ...] = ("succeeded", "running", "queued", "failed", "diverged", "cancelled")
+_STATUS_COLORS: dict[str, str] = {"failed": "red", "diverged": "yellow", "running": "cyan"}
+
+
+class UsageError(MlpqError):
+    """A command-line value is invalid."""
+
+    exit_code = 2
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _by_status(row: Mapping[str, Any]) -> str:
+    parts = []
+    for status in _STATUSES:
+        if row[status]:
+            color = _STATUS_COLORS.get(status)
+            part = f"{row[status]} {status}"
+            parts.append(f"[{color}]{part}[/{color}]" if color else part)
+    return ", ".join(parts) or "no runs"
+
+
+def ls() -> None:
+    """List experiments: runs finished, runs by status, best results so far."""
+    from service.db import get_engine
+    from service.queries import experiment_progress
+
+    rows = experiment_progress(get_engine())
+    console = Console()
+    if not rows:
+        console.print("no experiments yet (mlpq run GRID, or mlpq submit GRID)")
+        return
+    table = Table("id", "experiment", "done", "runs by status", "best val acc", "best val loss")
+    for row in rows:
+        finished = sum(row[s] or 0 for s in ("succeeded", "failed", "diverged", "cancelled"))
+        table.add_row(
+            str(row["experiment_id"]),
+            row["experiment"],
+            f"{finished}/{row['runs']}",
+            _by_status(row),
+            _fmt(row["best_val_accuracy"]),
+            _fmt(row["best_val_loss"]),
+        )
+    console.print(table)
+
+
+def show(
+    experiment: Annotated[str, typer.Argument(help="Experiment name (or id).")],
+    by: Annotated[
+        str | None,
+        typer.Option(
+            help="Rank by this run_summary column (default: best_val_accuracy, "
+            "else best_val_r2, else best_val_loss)."
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Runs to show.")] = 10,
+) -> None:
+    """Show an experiment's runs by status, its best runs, and its failed runs' errors."""
+    from service.db import get_engine, session_scope
+    from service.queries import RANKABLE
+    from service.runs import get_experiment
+
+    if by is not None and by not in RANKABLE:
+        raise UsageError(f"--by: expected one of {', '.join(RANKABLE)}; got {by!r}")
+    engine = get_engine()
+    with session_scope(engine) as session:
+        name = get_experiment(session=session, name=experiment).name
+    print_leaderboard(engine, name, by=by, limit=limit)
+
+
+def print_leaderboard(
+    engine: Engine, experiment: str, *, by: str | None = None, limit: int = 10
+) -> None:
+    """Runs by status, the top ``limit`` runs by ``by``, and the failed runs' errors."""
+    from service.queries import leaderboard
+
+    console = Console()
+    with engine.connect() as conn:
+        counts = (
+            conn.execute(
+                text("SELECT * FROM experiment_progress WHERE experiment = :e"), {"e": experiment}
+            )
+            .mappings()
+            .one()
+        )
+        failures = conn.execute(
+            text(
+                "SELECT id, error FROM runs WHERE experiment_id = :id AND status = 'failed' "
+                "ORDER BY id LIMIT 5"
+            ),
+            {"id": counts["experiment_id"]},
+        ).all()
+    console.print(f"[bold]{experiment}[/bold]: {_by_status(counts)}", highlight=False)
+    rows: list[dict[str, Any]] = []
+    for column in [by] if by else DEFAULT_RANKING:
+        rows = leaderboard(engine, experiment=experiment, by=column, limit=limit)
+        if rows:
+            by = column
+            break
+    if rows:
+        # Only what differs between the listed runs; the rest is the same in every row.
+        params = [p for p in (*_PARAMS, "status") if len({repr(r.get(p)) for r in rows}) > 1]
+        table = Table(title=f"top {len(rows)} by {by}")
+        for column in ("run", *params, by):
+            table.add_column(_LABELS.get(column, column), no_wrap=True)
+        for row in rows:
+            table.add_row(str(row["run_id"]), *(_fmt(row[p]) for p in params), _fmt(row[by]))
+        console.print(table)
+    for run_id, error in failures:
+        last = (error or "").strip().splitlines()[-1:] or ["(no error recorded)"]
+        console.print(f"[red]run {run_id} failed[/red]: {last[0]}", highlight=False)
+    if counts["failed"] and counts["failed"] > len(failures):
+        console.print(
+            f"... {counts['failed'] - len(failures)} more failed run(s): "
+            "mlpq sql \"SELECT id, error FROM runs WHERE status = 'failed'\"",
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``mlpq ls`` and ``mlpq show`` to ``app``."""
+    app.command("ls")(ls)
+    app.command("show")(show)

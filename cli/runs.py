@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Annotated
+import sys
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
+from cli.submit import submit as submit_command
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from worker.local import LocalWorkers
+
 console = Console()
 err_console = Console(stderr=True)
+
+# Seconds between two looks at the store while `mlpq run` waits.
+POLL_SECONDS = 0.25
+# Seconds local workers get to finish their current runs after a Ctrl-C.
+INTERRUPT_GRACE_SECONDS = 10.0
 
 
 def worker(
@@ -113,8 +129,205 @@ def retry(
     console.print(f"{exp.name}: " + ", ".join(parts))
 
 
+def run(**options: Any) -> None:
+    """Submit a grid and train it here, showing progress, then print the leaderboard.
+
+    Takes the grid exactly as `mlpq submit` does (a file or inline options). With
+    no MLPQ_BROKER_URL nothing else is needed: local Celery worker processes
+    train the runs from the embedded queue into the SQLite store. With a broker,
+    remote workers help the local ones (or do it all with --no-local-workers).
+    Waits until every run of the experiment is finished, then stops the local
+    workers. Exit code 0 when the grid finished, whatever its runs' outcomes
+    (failed runs are listed with their error); 130 when interrupted.
+    """
+    from service.db import get_engine
+    from service.settings import get_settings
+    from worker.local import LocalWorkers
+
+    concurrency = options.pop("concurrency") or os.cpu_count() or 1
+    local = options.pop("local_workers")
+    top = options.pop("top")
+    settings = get_settings()
+    report = submit_command(**options)
+    if report is None:  # --dry-run
+        return
+    engine = get_engine()
+    if settings.embedded_broker:
+        _republish_lost_messages(engine)
+    workers = None
+    if local:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        workers = LocalWorkers(
+            concurrency=concurrency, log_path=settings.home / "logs" / f"worker-{stamp}.log"
+        )
+        err_console.print(
+            f"{concurrency} local worker process(es); log: {workers.log_path}", highlight=False
+        )
+    elif settings.embedded_broker:
+        err_console.print(
+            "--no-local-workers with the embedded queue: runs start only when `mlpq worker` "
+            "runs on this machine with the same MLPQ_HOME",
+            highlight=False,
+        )
+    try:
+        _wait(engine, report.experiment_id, workers)
+    except KeyboardInterrupt:
+        err_console.print(
+            "interrupted: stopping local workers; unfinished runs stay queued "
+            "(`mlpq run` again or `mlpq worker` resumes them)",
+            highlight=False,
+        )
+        if workers is not None:
+            workers.stop(timeout=INTERRUPT_GRACE_SECONDS)
+        raise typer.Exit(code=130) from None
+    except BaseException:
+        if workers is not None:
+            workers.stop(timeout=INTERRUPT_GRACE_SECONDS)
+        raise
+    from cli.experiments import print_leaderboard
+
+    # Results first: a Celery warm shutdown on the embedded queue takes a few seconds.
+    print_leaderboard(engine, report.experiment, limit=top)
+    if workers is not None:
+        with err_console.status("stopping local workers"):
+            workers.stop()
+
+
+def _republish_lost_messages(engine: Engine) -> None:
+    """Send again the messages of queued runs that the embedded queue no longer holds."""
+    from service.celery_app import make_app
+    from service.db import session_scope
+    from service.runs import queued_published
+    from service.settings import get_settings
+    from service.submit import publish_runs
+    from worker.local import embedded_queue_run_ids
+
+    settings = get_settings()
+    with session_scope(engine) as session:
+        queued = queued_published(session=session)
+    if not queued:
+        return
+    lost = sorted(set(queued) - embedded_queue_run_ids(settings))
+    if lost:
+        publish_runs(make_app(settings), lost, engine=engine)
+        err_console.print(
+            f"{len(lost)} queued run(s) had lost their message (a worker stopped holding it); "
+            "sent again",
+            highlight=False,
+        )
+
+
+def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> None:
+    """Poll the experiment's counts until every run is finished, with a progress bar."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from service.db import session_scope
+    from service.exceptions import MlpqError
+    from service.models import FINISHED, RunStatus
+    from service.runs import status_counts
+
+    def counts() -> dict[RunStatus, int]:
+        with session_scope(engine) as session:
+            return status_counts(session=session, experiment_id=experiment_id)
+
+    first = counts()
+    total = sum(first.values())
+    done_at_start = sum(first[s] for s in FINISHED)
+    start = time.monotonic()
+    progress = Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=not err_console.is_terminal and "MLPQ_PROGRESS" not in os.environ,
+    )
+    with progress:
+        task = progress.add_task("runs", total=total, completed=done_at_start, detail="")
+        current = first
+        while True:
+            done = sum(current[s] for s in FINISHED)
+            rate = (done - done_at_start) / max(time.monotonic() - start, 1e-9)
+            detail = " · ".join(
+                [
+                    f"{current[RunStatus.running]} running",
+                    f"[red]{current[RunStatus.failed]} failed[/red]",
+                    f"{current[RunStatus.diverged]} diverged",
+                    f"{rate:.1f} runs/s",
+                ]
+            )
+            progress.update(task, completed=done, total=sum(current.values()), detail=detail)
+            if done == sum(current.values()):
+                break
+            if workers is not None and not workers.alive():
+                err_console.print(workers.log_tail(), highlight=False, markup=False)
+                raise MlpqError(
+                    f"run: the local workers exited (code {workers.proc.returncode}) with "
+                    f"{sum(current.values()) - done} run(s) unfinished; log: {workers.log_path}"
+                )
+            time.sleep(POLL_SECONDS)
+            current = counts()
+    if not progress.disable:
+        return
+    # No terminal: one summary line instead of the bar.
+    elapsed = time.monotonic() - start
+    print(f"{total} run(s) finished in {elapsed:.1f}s", file=sys.stderr)
+
+
+def _run_signature() -> inspect.Signature:
+    # `mlpq run` takes every option of `mlpq submit` (one grid syntax), plus its own.
+    own = [
+        inspect.Parameter(
+            "concurrency",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=0,
+            annotation=Annotated[
+                int,
+                typer.Option(
+                    "--concurrency", "-c", min=0, help="Local worker processes (default: CPUs)."
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "local_workers",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=True,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--local-workers/--no-local-workers",
+                    help="Start worker processes here (off: remote workers do everything).",
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "top",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=10,
+            annotation=Annotated[int, typer.Option(min=1, help="Runs in the final leaderboard.")],
+        ),
+    ]
+    params = list(inspect.signature(submit_command, eval_str=True).parameters.values())
+    return inspect.Signature(params + own, return_annotation=None)
+
+
+run.__signature__ = _run_signature()  # type: ignore[attr-defined]
+run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+
+
 def register(app: typer.Typer) -> None:
     """Add ``worker``, ``run``, ``cancel`` and ``retry`` to ``app``."""
     app.command("worker")(worker)
+    app.command("run")(run)
     app.command("cancel")(cancel)
     app.command("retry")(retry)

@@ -510,6 +510,15 @@ def orphans(*, session: Session, older_than: float, now: datetime | None = None)
     )
 
 
+def queued_published(*, session: Session) -> list[int]:
+    """Ids of queued runs whose message was handed to the broker (and not yet claimed)."""
+    return list(
+        session.execute(
+            select(Run.id).where(Run.status == RunStatus.queued, Run.published).order_by(Run.id)
+        ).scalars()
+    )
+
+
 def _aware(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes (stored in UTC); PostgreSQL aware ones.
     if value is None or value.tzinfo is not None:

@@ -7,6 +7,8 @@ Nothing here imports the Celery app, so the CLI can use it cheaply.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +17,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from service.celery_app import QUEUE
+from service.celery_app import QUEUE, TRAIN_TASK
+from service.settings import Settings
 
 #: The app module celery loads (``celery -A``).
 APP_MODULE = "worker.app"
@@ -108,3 +111,25 @@ class LocalWorkers:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def embedded_queue_run_ids(settings: Settings) -> set[int]:
+    """Run ids of the train messages waiting in the embedded filesystem queue.
+
+    A message file disappears when a worker fetches it, so a worker killed with
+    a fetched message in hand (before the claim) loses that run's message; the
+    run stays queued. ``mlpq run`` compares these ids with the store's queued
+    runs and publishes the missing ones again (a duplicate is dropped by the claim).
+    """
+    ids: set[int] = set()
+    folder = settings.queue_dir / "out"
+    for path in folder.glob("*.msg") if folder.is_dir() else ():
+        try:
+            message = json.loads(path.read_bytes())
+            if message.get("headers", {}).get("task") != TRAIN_TASK:
+                continue
+            args = json.loads(base64.b64decode(message["body"]))[0]
+            ids.add(int(args[0]))
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            continue  # fetched meanwhile, or not ours
+    return ids

@@ -45,7 +45,7 @@ LONG_RUN: dict[str, Any] = {
     "activation": "tanh",
     "batch_size": 8,
     "learning_rate": 0.05,
-    "max_steps": 3000,
+    "max_steps": 1500,
     "seed": 7,
 }
 
