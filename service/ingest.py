@@ -92,17 +92,16 @@ def connection_scope(target: Target) -> Iterator[Connection]:
 
 def records_to_rows(run_id: int, records: Iterable[Mapping[str, Any]]) -> list[tuple]:
     """``records`` of one run as rows in ``METRIC_COLUMNS`` order (missing keys -> None)."""
-    rows = []
-    for record in records:
-        if not record.keys() <= _FIELD_SET:
-            unknown = sorted(set(record) - _FIELD_SET)
-            raise ValueError(
-                f"metrics: unknown field(s) {unknown} in a record of run {run_id}; "
-                f"expected names from engine.metrics.RECORD_FIELDS"
-            )
-        if record.get(STEP) is None:
-            raise ValueError(f"metrics: a record of run {run_id} has no '{STEP}'")
-        rows.append((run_id, *map(record.get, RECORD_FIELDS)))
+    records = records if isinstance(records, list) else list(records)
+    rows = [(run_id, *map(record.get, RECORD_FIELDS)) for record in records]
+    if not all(map(_FIELD_SET.issuperset, records)):
+        unknown = sorted({key for record in records for key in record} - _FIELD_SET)
+        raise ValueError(
+            f"metrics: unknown field(s) {unknown} in records of run {run_id}; "
+            f"expected names from engine.metrics.RECORD_FIELDS"
+        )
+    if any(row[1] is None for row in rows):
+        raise ValueError(f"metrics: a record of run {run_id} has no '{STEP}'")
     return rows
 
 
@@ -123,29 +122,37 @@ def write_metric_rows(target: Target, rows: Sequence[Sequence[Any]]) -> None:
     if not rows:
         return
     width = len(METRIC_COLUMNS)
-    if any(len(row) != width for row in rows):
+    if set(map(len, rows)) != {width}:
         bad = next(row for row in rows if len(row) != width)
         raise ValueError(f"metrics: a row has {len(bad)} values, expected {width} ({_COLUMN_LIST})")
-    with connection_scope(target) as conn:
-        if conn.dialect.name == "postgresql":
-            _write_postgresql(conn, rows)
-        else:
+    if isinstance(target, Engine):
+        with target.begin() as conn:
+            _write(conn, rows, own_transaction=True)
+    else:
+        _write(target.connection() if isinstance(target, Session) else target, rows)
+
+
+def _write(conn: Connection, rows: Sequence[Sequence[Any]], own_transaction: bool = False) -> None:
+    if conn.dialect.name == "postgresql":
+        _write_postgresql(conn, rows)
+    elif own_transaction:
+        _write_sqlite(conn, rows)
+    else:
+        # A savepoint keeps the batch all-or-nothing inside the caller's transaction.
+        with conn.begin_nested():
             _write_sqlite(conn, rows)
 
 
 def _write_sqlite(conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
-    # The savepoint makes the batch all-or-nothing inside a caller's transaction.
+    cursor = conn.connection.driver_connection.cursor()
     try:
-        with conn.begin_nested():
-            cursor = conn.connection.driver_connection.cursor()
-            try:
-                cursor.executemany(_SQLITE_INSERT, rows)
-            finally:
-                cursor.close()
+        cursor.executemany(_SQLITE_INSERT, rows)
     except sqlite3.IntegrityError as exc:
         if "FOREIGN KEY" not in str(exc):
             raise
         raise StoreError(f"metrics: no run with id in {_run_ids(rows)}") from None
+    finally:
+        cursor.close()
 
 
 def _copy(conn: Connection, statement: str, rows: Iterable[Sequence[Any]]) -> None:
