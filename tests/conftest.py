@@ -19,8 +19,6 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-pytest_plugins = ["pytester"]
-
 #: PostgreSQL server the tests create their schemas in.
 PG_URL = os.environ.get("MLPQ_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 #: Redis server the tests take a db of.

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import redis
 from sqlalchemy import text
 
@@ -23,62 +28,66 @@ def test_redis(redis_url):
 """
 
 
-def run_inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, *, ci: bool):
-    pytester.makeconftest(CONFTEST.read_text())
-    pytester.makepyfile(INNER_TESTS)
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.setenv("MLPQ_TEST_PG_URL", f"postgresql+psycopg://root@127.0.0.1:{CLOSED_PORT}/x")
-    monkeypatch.setenv("MLPQ_TEST_REDIS_URL", f"redis://127.0.0.1:{CLOSED_PORT}")
+def run_inner(
+    tmp_path: Path, test_code: str, *, ci: bool | None, services: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run pytest on ``test_code`` beside a copy of the shared conftest, in a child process."""
+    (tmp_path / "conftest.py").write_text(CONFTEST.read_text())
+    (tmp_path / "test_inner.py").write_text(textwrap.dedent(test_code))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("CI", None)
     if ci:
-        monkeypatch.setenv("CI", "true")
-    else:
-        monkeypatch.delenv("CI", raising=False)
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rfs")
-
-
-def test_missing_services_fail_the_tests_when_ci_is_true(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    result = run_inner(pytester, monkeypatch, ci=True)
-    result.assert_outcomes(errors=2)
-    result.stdout.fnmatch_lines(
-        [
-            "*PostgreSQL at *:1/x is not reachable*CI=true: the service is required*",
-            "*Redis at redis://127.0.0.1:1 is not reachable*CI=true: the service is required*",
-        ]
+        env["CI"] = "true"
+    if not services:
+        env["MLPQ_TEST_PG_URL"] = f"postgresql+psycopg://root@127.0.0.1:{CLOSED_PORT}/x"
+        env["MLPQ_TEST_REDIS_URL"] = f"redis://127.0.0.1:{CLOSED_PORT}"
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "-q", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
-def test_missing_services_skip_the_tests_elsewhere(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    result = run_inner(pytester, monkeypatch, ci=False)
-    result.assert_outcomes(skipped=2)
-    result.stdout.fnmatch_lines(["*SKIPPED*PostgreSQL at*not reachable*"])
+def test_missing_services_fail_the_tests_when_ci_is_true(tmp_path: Path) -> None:
+    result = run_inner(tmp_path, INNER_TESTS, ci=True, services=False)
+    assert result.returncode == 1, result.stdout
+    assert "2 errors" in result.stdout
+    assert re.search(
+        r"PostgreSQL at \S+:1/x is not reachable.*CI=true: the service is required", result.stdout
+    )
+    assert re.search(
+        r"Redis at redis://127.0.0.1:1 is not reachable.*CI=true: the service is required",
+        result.stdout,
+    )
+
+
+def test_missing_services_skip_the_tests_elsewhere(tmp_path: Path) -> None:
+    result = run_inner(tmp_path, INNER_TESTS, ci=False, services=False)
+    assert result.returncode == 0, result.stdout
+    assert "2 skipped" in result.stdout
+    assert re.search(r"SKIPPED.*PostgreSQL at \S+ is not reachable", result.stdout)
 
 
 def test_postgres_store_is_a_schema_of_its_own_dropped_after_the_test(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, pg_store_url: str
+    tmp_path: Path, pg_store_url: str
 ) -> None:
-    # The outer fixture's engine finds out which schemas exist before and after an inner run.
-    pytester.makeconftest(CONFTEST.read_text())
-    pytester.makepyfile(
-        """
+    inner = """
         from sqlalchemy import text
         from service.db import make_engine
 
-        def test_inner(pg_store_url, tmp_path_factory):
+        def test_inner(pg_store_url):
             engine = make_engine(pg_store_url)
             with engine.connect() as conn:
                 schema = conn.execute(text("SELECT current_schema()")).scalar_one()
             engine.dispose()
             open("schema.txt", "w").write(schema)
-        """
-    )
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
-    inner_schema = (pytester.path / "schema.txt").read_text()
+    """
+    result = run_inner(tmp_path, inner, ci=None)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout
+    inner_schema = (tmp_path / "schema.txt").read_text()
     engine = make_engine(pg_store_url)
     try:
         with engine.connect() as conn:
@@ -104,3 +113,16 @@ def test_redis_db_is_leased_to_this_test_and_starts_empty(redis_url: str) -> Non
     finally:
         client.close()
         lease.close()
+
+
+def test_store_env_points_the_settings_and_get_engine_at_the_tests_store(
+    store_env: str, add_runs: Callable[..., list[int]]
+) -> None:
+    from service.db import get_engine
+    from service.settings import get_settings
+
+    assert get_settings().database_url == store_env
+    engine = get_engine()
+    (run,) = add_runs(engine, 1)
+    with make_engine(store_env).connect() as conn:
+        assert conn.execute(text("SELECT id FROM runs")).scalar_one() == run
