@@ -1,0 +1,220 @@
+"""The run commands as a user types them: mlpq run (embedded), worker, cancel, retry, ls, show."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from worker_testlib import REPO, TINY_BACKPROP, add_runs, run_rows, wait_for, worker_env
+
+from service.models import RunStatus
+
+GRID = """\
+name: tiny
+datasets: [moons]
+seeds: 2
+model: {hidden: [[4], [8]], activation: tanh}
+budget: {epochs: 15, iterations: 15}
+optimizers:
+  - optimizer: backprop
+    learning_rate: [0.05, 0.2]
+  - optimizer: random_walk
+    step_size: 0.1
+"""
+
+
+def _mlpq(*args: str, cwd: Path, env: dict[str, str], timeout: float = 120):
+    exe = shutil.which("mlpq")
+    cmd = [exe] if exe else [sys.executable, "-c", "from cli.main import main; main()"]
+    return subprocess.run(
+        [*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_embedded_run_trains_a_grid_file_with_no_server_and_no_settings(tmp_path: Path) -> None:
+    (tmp_path / "grid.yaml").write_text(GRID)
+    env = worker_env()  # no MLPQ_* at all
+    result = _mlpq("run", "grid.yaml", "--concurrency", "2", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    db = tmp_path / ".mlpq" / "mlpq.db"
+    with sqlite3.connect(db) as conn:
+        statuses = conn.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
+        weights = conn.execute("SELECT count(*) FROM artifacts WHERE kind = 'weights'").fetchone()
+        steps = conn.execute(
+            "SELECT r.id, r.max_steps, count(m.step), max(m.step) FROM runs r "
+            "JOIN metrics m ON m.run_id = r.id GROUP BY r.id, r.max_steps"
+        ).fetchall()
+    assert statuses == [("succeeded", 12)]  # 2 seeds x 2 hidden x (2 learning rates + 1)
+    assert weights == (12,)
+    assert all(n == last == max_steps for _id, max_steps, n, last in steps) and len(steps) == 12
+    assert "tiny: 12 succeeded" in result.stdout
+    assert "top 10 by best_val_accuracy" in result.stdout
+    # Running it again re-trains nothing: every config already succeeded.
+    again = _mlpq("run", "grid.yaml", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "12 skipped" in again.stdout
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*), max(attempt) FROM runs").fetchone() == (12, 1)
+
+
+def test_invalid_grid_is_one_line_and_starts_no_worker(tmp_path: Path) -> None:
+    (tmp_path / "grid.yaml").write_text(GRID.replace("step_size: 0.1", "step_size: -1"))
+    result = _mlpq("run", "grid.yaml", cwd=tmp_path, env=worker_env())
+    assert result.returncode == 2
+    assert result.stderr.startswith("mlpq: grid.yaml: ") and "step_size" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / ".mlpq" / "logs").exists()
+
+
+def test_worker_command_pins_one_blas_thread_per_process(tmp_path: Path) -> None:
+    env = worker_env(home=tmp_path / "home")
+    exe = shutil.which("mlpq")
+    cmd = [exe] if exe else [sys.executable, "-c", "from cli.main import main; main()"]
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [*cmd, "worker", "--concurrency", "1"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for(
+            lambda: b"ready." in (tmp_path / "worker.log").read_bytes(),
+            timeout=30,
+            what="the worker to start",
+        )
+        # `mlpq worker` execs celery in place: same pid, environment set before NumPy loads.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"celery" in cmdline and b"prefork" in cmdline
+        environ = dict(
+            item.split(b"=", 1)
+            for item in Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+            if b"=" in item
+        )
+        for var in (b"OMP_NUM_THREADS", b"OPENBLAS_NUM_THREADS", b"MKL_NUM_THREADS"):
+            assert environ[var] == b"1"
+    finally:
+        # Nothing to finish here: kill the worker and its children at once.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def cli_env(store_url: str, tmp_path: Path) -> dict[str, str]:
+    # Wide enough that rich wraps no table cell.
+    return {**worker_env(database_url=store_url, home=tmp_path / "home"), "COLUMNS": "200"}
+
+
+def _engine(url: str) -> Engine:
+    from service.db import make_engine
+
+    return make_engine(url)
+
+
+def test_cancel_and_retry_from_the_command_line(
+    store_url: str, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    engine = _engine(store_url)
+    try:
+        a, b, c = add_runs(engine, [{**TINY_BACKPROP, "seed": s} for s in range(3)], name="e1")
+        with engine.begin() as conn:
+            from service.models import Run
+
+            conn.execute(
+                Run.__table__.update()
+                .where(Run.id == a)
+                .values(status=RunStatus.failed, error="boom", published=True)
+            )
+            conn.execute(
+                Run.__table__.update()
+                .where(Run.id == b)
+                .values(
+                    status=RunStatus.running,
+                    worker="gone:1",
+                    attempt=1,
+                    published=True,
+                    heartbeat_at=None,
+                )
+            )
+        result = _mlpq("cancel", "e1", cwd=tmp_path, env=cli_env)
+        assert result.returncode == 0, result.stderr
+        assert "1 queued run(s) cancelled, 1 running run(s) asked to stop" in result.stdout
+        rows = run_rows(engine)
+        assert RunStatus(rows[c].status) is RunStatus.cancelled
+        assert rows[b].cancel_requested
+
+        retry = _mlpq("retry", "e1", "--failed", cwd=tmp_path, env=cli_env)
+        assert retry.returncode == 0, retry.stderr
+        assert "1 finished run(s) restarted" in retry.stdout
+        assert "1 message(s) published" in retry.stdout
+        rows = run_rows(engine)
+        assert RunStatus(rows[a].status) is RunStatus.queued and rows[a].published
+        assert rows[a].error is None
+
+        missing = _mlpq("cancel", "nope", cwd=tmp_path, env=cli_env)
+        assert missing.returncode == 2
+        assert missing.stderr.strip() == (
+            "mlpq: experiment: no experiment named 'nope' (see `mlpq ls`)"
+        )
+    finally:
+        engine.dispose()
+
+
+def test_ls_and_show_print_progress_and_the_leaderboard(
+    store_url: str, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    from service.db import session_scope
+    from service.runs import claim_run, finish_run
+
+    engine = _engine(store_url)
+    try:
+        ids = add_runs(engine, [{**TINY_BACKPROP, "seed": s} for s in range(3)], name="board")
+        for run_id, acc in zip(ids[:2], (0.75, 0.9), strict=True):
+            with session_scope(engine) as session:
+                claim = claim_run(
+                    session=session, run_id=run_id, worker="w:1", stale_seconds=60, max_attempts=3
+                )
+                finish_run(
+                    session=session,
+                    run_id=run_id,
+                    worker="w:1",
+                    attempt=claim.attempt,
+                    status=RunStatus.succeeded,
+                    summary={"best_val_accuracy": acc},
+                )
+        ls = _mlpq("ls", cwd=tmp_path, env=cli_env)
+        assert ls.returncode == 0, ls.stderr
+        assert "board" in ls.stdout and "2/3" in ls.stdout and "1 queued" in ls.stdout
+        show = _mlpq("show", "board", cwd=tmp_path, env=cli_env)
+        assert show.returncode == 0, show.stderr
+        lines = [ln for ln in show.stdout.splitlines() if "│" in ln]
+        assert [ln.split("│")[1].strip() for ln in lines] == [str(ids[1]), str(ids[0])]
+        assert "0.9" in lines[0]
+    finally:
+        engine.dispose()
+
+
+def test_run_with_a_dead_broker_writes_nothing(tmp_path: Path) -> None:
+    env = worker_env(broker_url="redis://127.0.0.1:1/0")
+    (tmp_path / "grid.yaml").write_text(GRID)
+    started = time.monotonic()
+    result = _mlpq("run", "grid.yaml", cwd=tmp_path, env=env, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.startswith("mlpq: broker ") and "cannot connect" in result.stderr
+    assert time.monotonic() - started < 60
+    db = tmp_path / ".mlpq" / "mlpq.db"
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM runs").fetchone() == (0,)
