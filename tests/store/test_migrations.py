@@ -6,7 +6,9 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -146,5 +148,35 @@ def test_mlpq_db_upgrade_migrates_an_empty_store(store_url: str) -> None:
         bad = mlpq("db", "upgrade", "nosuch", url=store_url)
         assert bad.returncode == 1
         assert bad.stderr.startswith("mlpq: cannot migrate") and bad.stderr.count("\n") == 1
+    finally:
+        engine.dispose()
+
+
+def _upgrade(url: str, start: Any) -> str | None:
+    engine = make_engine(url)
+    try:
+        with engine.connect():
+            pass  # connect before the start signal, so the upgrades overlap
+        start.wait(30)
+        upgrade(engine)
+        return current_revision(engine)
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_upgrades_of_an_empty_postgres_schema_migrate_it_once(
+    pg_store_url: str,
+) -> None:
+    engine = make_engine(pg_store_url)
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        downgrade(engine, "base")
+        with ctx.Manager() as manager, ctx.Pool(3) as pool:
+            start = manager.Event()
+            pending = [pool.apply_async(_upgrade, (pg_store_url, start)) for _ in range(3)]
+            time.sleep(1.0)  # let the three processes import and connect
+            start.set()
+            assert [p.get(timeout=60) for p in pending] == [head_revision()] * 3
+        assert schema_diff(engine) == []
     finally:
         engine.dispose()
