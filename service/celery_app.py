@@ -32,12 +32,14 @@ def celery_config(settings: Settings) -> dict[str, object]:
     transport_options: dict[str, object] = {"visibility_timeout": visibility_timeout}
     if settings.embedded_broker:
         queue_dir = settings.queue_dir.resolve()
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (queue_dir / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(queue_dir / "out"),
             "data_folder_out": str(queue_dir / "out"),
             "processed_folder": str(queue_dir / "processed"),
+            # Exchange bindings; kombu's default is ./control in the current directory.
+            "control_folder": str(queue_dir / "control"),
             "store_processed": False,
             "polling_interval": settings.polling_interval,
         }
