@@ -264,7 +264,8 @@ class _Resolver:
     def __init__(self, parsed: ParsedGrid) -> None:
         self.parsed = parsed
         self.spec = parsed.spec
-        self._checked: set[tuple[str, str, Any]] = set()
+        # (optimizer, key, value) -> the value as TrainConfig.to_dict() gives it.
+        self._normal: dict[tuple[str, str, Any], Any] = {}
         self.csv_files: dict[str, CsvFile] = {}
         self.csv_labels: dict[str, str] = {}  # label or path as written -> dataset name
 
@@ -273,19 +274,20 @@ class _Resolver:
 
     # values -----------------------------------------------------------------------------
 
-    def check_value(self, optimizer: str, key: str, value: Any, path: Path_) -> None:
-        """Check one value of ``key`` alone against TrainConfig (ranges, names)."""
-        marker = (optimizer, key, value if not isinstance(value, list) else tuple(value))
-        if marker in self._checked:
-            return
+    def check_value(self, optimizer: str, key: str, value: Any, path: Path_) -> Any:
+        """Check one value of ``key`` alone against TrainConfig; its canonical form."""
+        marker = (optimizer, key, value)
+        if marker in self._normal:
+            return self._normal[marker]
         probe: dict[str, Any] = {"dataset": DATASETS[0], "optimizer": optimizer, key: value}
         if key == "hidden":
             probe[key] = list(value)
         try:
-            TrainConfig.from_dict(probe)
+            normal = TrainConfig.from_dict(probe).to_dict()[key]
         except ConfigError as exc:
             raise self.error(path, exc.problem) from None
-        self._checked.add(marker)
+        self._normal[marker] = normal
+        return normal
 
     def check_axis(self, optimizer: str, at: _AxisAt) -> None:
         axis = at.axis
@@ -687,24 +689,57 @@ def _block_size(dims: list[_Dim]) -> int:
     return math.prod(len(d.rows) for d in dims)
 
 
-def _combinations(
-    dims: list[_Dim],
-) -> Iterator[tuple[dict[str, Any], tuple[tuple[Path_, ...], ...]]]:
-    for rows in itertools.product(*(list(zip(d.rows, d.paths, strict=True)) for d in dims)):
-        config: dict[str, Any] = {}
-        paths: list[tuple[Path_, ...]] = []
-        for dim, (row, where) in zip(dims, rows, strict=True):
-            for key, value in zip(dim.keys, row, strict=True):
-                config[key] = value
-            paths.append(tuple(where))
-        yield config, tuple(paths)
+def _updates(resolver: _Resolver, block: _Block, dim: _Dim) -> list[tuple[tuple[str, Any], ...]]:
+    """Each row of ``dim`` as (key, canonical value) pairs; every value checked once."""
+    out = []
+    for row, where in zip(dim.rows, dim.paths, strict=True):
+        pairs = []
+        for key, value, path in zip(dim.keys, row, where, strict=True):
+            if key not in ("dataset", "target", "task"):
+                value = resolver.check_value(block.optimizer, key, value, path)
+            pairs.append((key, value))
+        out.append(tuple(pairs))
+    return out
 
 
-def _path_of(key: str, dims: list[_Dim], where: tuple[tuple[Path_, ...], ...]) -> Path_ | None:
-    for dim, paths in zip(dims, where, strict=True):
-        if key in dim.keys:
-            return paths[dim.keys.index(key)]
-    return None
+def _full_config(
+    resolver: _Resolver, block: _Block, dims: list[_Dim], pick: Sequence[int]
+) -> dict[str, Any]:
+    """TrainConfig.from_dict(...).to_dict() of the combination taking row ``pick[i]`` of dim i."""
+    combo: dict[str, Any] = {"optimizer": block.optimizer}
+    for dim, i in zip(dims, pick, strict=True):
+        combo.update(zip(dim.keys, dim.rows[i], strict=True))
+    try:
+        return TrainConfig.from_dict(combo).to_dict()
+    except ConfigError as exc:
+        path = block.path
+        for dim, i in zip(dims, pick, strict=True):
+            if exc.key in dim.keys:
+                path = dim.paths[i][dim.keys.index(exc.key)]
+        raise resolver.error(path, exc.problem) from None
+
+
+def _block_configs(
+    resolver: _Resolver, block: _Block, dims: list[_Dim]
+) -> Iterator[dict[str, Any]]:
+    """The canonical configs of a block, in product order.
+
+    Every value was checked alone (``check_value``) and the rules across keys
+    (dataset, target, task, optimizer) are checked by one full ``from_dict`` per
+    dataset; a config is then its template with the canonical values put in,
+    which equals ``TrainConfig.from_dict(config).to_dict()`` (a test checks it)
+    at a fraction of the cost of validating every combination again.
+    """
+    updates = [_updates(resolver, block, dim) for dim in dims]
+    first = [0] * len(dims)
+    template = _full_config(resolver, block, dims, first)
+    for d in range(1, len(dims[0].rows)):
+        _full_config(resolver, block, dims, [d, *first[1:]])
+    for rows in itertools.product(*updates):
+        config = template.copy()
+        for pairs in rows:
+            config.update(pairs)
+        yield config
 
 
 def expand_grid(
@@ -742,14 +777,7 @@ def expand_grid(
     excluded = duplicates = done = 0
     every = max(1, upper // 100)
     for block, dims, rules in plan:
-        base = {"optimizer": block.optimizer}
-        for combo, where in _combinations(dims):
-            combo.update(base)
-            try:
-                config = TrainConfig.from_dict(combo).to_dict()
-            except ConfigError as exc:
-                path = _path_of(exc.key, dims, where) or block.path
-                raise resolver.error(path, exc.problem) from None
+        for config in _block_configs(resolver, block, dims):
             done += 1
             if progress is not None and done % every == 0:
                 progress("expand", done, upper)

@@ -20,13 +20,15 @@ fails midway, the rest stay queued with ``published = false``; ``publish_pending
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Connection, Engine, delete, insert, select, text, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
 
 from service.celery_app import QUEUE, TRAIN_TASK
 from service.exceptions import BrokerError
@@ -48,8 +50,10 @@ Progress = Callable[[str, int, int], None]
 PUBLISH_BATCH = 2000
 #: Rows per INSERT chunk (progress granularity; all chunks share one transaction).
 INSERT_CHUNK = 5000
-#: Hashes per IN (...) lookup; SQLite allows 32766 parameters per statement.
-LOOKUP_CHUNK = 5000
+#: Config hashes looked up per query (one array parameter).
+LOOKUP_CHUNK = 20000
+#: Run ids per IN (...) list (SQLite allows 32766 parameters per statement).
+ID_CHUNK = 5000
 # Serializes submits on PostgreSQL, so two submitting the same grid cannot both insert it.
 _PG_SUBMIT_LOCK = 0x6D6C7071  # "mlpq"
 
@@ -151,34 +155,48 @@ def publish_runs(
     create = amqp.create_task_message
     send = amqp.send_task_message
     sent = 0
-    with app.connection_for_write() as conn:
-        errors = _broker_errors(app, conn)
-        try:
-            producer = amqp.Producer(conn, auto_declare=False)
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start : start + batch_size]
-                with producer.batch(max_size=len(chunk) + 1):
-                    for run_id in chunk:
-                        task_id = str(uuid.uuid4())
-                        message = create(
-                            task_id,
-                            TRAIN_TASK,
-                            (run_id,),
-                            {},
-                            argsrepr=f"({run_id},)",
-                            kwargsrepr="{}",
-                        )
-                        send(producer, TRAIN_TASK, message, queue=QUEUE, retry=False)
-                _mark_published(engine, chunk)
-                sent += len(chunk)
-                if progress is not None:
-                    progress("publish", sent, len(ids))
-        except errors as exc:
-            raise PublishError(
-                f"broker {conn.as_uri()}: publishing failed after {sent} of {len(ids)} "
-                f"message(s): {_first_line(exc)}",
-                sent,
-            ) from exc
+    # The UPDATE marking a batch published runs in this thread while the next batch
+    # is published (on PostgreSQL it costs about as much as the publishing).
+    marker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlpq-mark")
+    marks: list[Future[None]] = []
+    try:
+        with app.connection_for_write() as conn:
+            errors = _broker_errors(app, conn)
+            try:
+                producer = amqp.Producer(conn, auto_declare=False)
+                # Declared once here: per message, kombu would re-bind a copy of the
+                # queue (about half of the publishing time).
+                producer.maybe_declare(amqp.queues[QUEUE])
+                for start in range(0, len(ids), batch_size):
+                    chunk = ids[start : start + batch_size]
+                    with producer.batch(max_size=len(chunk) + 1):
+                        for run_id in chunk:
+                            message = create(
+                                str(uuid.uuid4()),
+                                TRAIN_TASK,
+                                (run_id,),
+                                {},
+                                argsrepr=f"({run_id},)",
+                                kwargsrepr="{}",
+                            )
+                            send(
+                                producer, TRAIN_TASK, message, queue=QUEUE, declare=[], retry=False
+                            )
+                    # The batch left the with-block flushed: the broker has it.
+                    marks.append(marker.submit(_mark_published, engine, chunk))
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress("publish", sent, len(ids))
+            except errors as exc:
+                raise PublishError(
+                    f"broker {conn.as_uri()}: publishing failed after {sent} of {len(ids)} "
+                    f"message(s): {_first_line(exc)}",
+                    sent,
+                ) from exc
+    finally:
+        marker.shutdown(wait=True)
+        for mark in marks:
+            mark.result()  # a failed UPDATE surfaces here
     return sent
 
 
@@ -215,12 +233,33 @@ def publish_pending(
 # -- the store side -----------------------------------------------------------------------------
 
 
+#: Keys of a row from ``run_row``, in this order (the COPY column list follows it).
+_ROW_KEYS = (
+    "config",
+    "experiment_id",
+    "config_hash",
+    "optimizer",
+    "dataset",
+    "hidden",
+    "activation",
+    "seed",
+    "max_steps",
+    *_PARAM_COLUMNS,
+    "status",
+    "published",
+    "attempt",
+    "cancel_requested",
+    "created_at",
+)
+_STATUS_AT = _ROW_KEYS.index("status")
+
+
 def run_row(experiment_id: int, run: Any, now: Any) -> dict[str, Any]:
     """The ``runs`` row of a RunSpec (config, hash and the hyperparameter columns)."""
     config = run.config
-    row = {
-        "experiment_id": experiment_id,
+    return {
         "config": config,
+        "experiment_id": experiment_id,
         "config_hash": run.config_hash,
         "optimizer": config["optimizer"],
         "dataset": config["dataset"],
@@ -228,15 +267,13 @@ def run_row(experiment_id: int, run: Any, now: Any) -> dict[str, Any]:
         "activation": config["activation"],
         "seed": config["seed"],
         "max_steps": config["max_steps"],
+        **{column: config.get(column) for column in _PARAM_COLUMNS},
         "status": RunStatus.queued,
         "published": False,
         "attempt": 0,
         "cancel_requested": False,
         "created_at": now,
     }
-    for column in _PARAM_COLUMNS:
-        row[column] = config.get(column)
-    return row
 
 
 _RESET: dict[str, Any] = {
@@ -276,24 +313,32 @@ def _experiment(conn: Connection, grid: Grid) -> tuple[int, bool]:
     return new_id, True
 
 
+_LOOKUP_PG = text(
+    "SELECT id, experiment_id, status, published, config_hash FROM runs "
+    "WHERE config_hash = ANY(CAST(:hashes AS text[]))"
+)
+_LOOKUP_SQLITE = text(
+    "SELECT id, experiment_id, status, published, config_hash FROM runs "
+    "WHERE config_hash IN (SELECT value FROM json_each(:hashes))"
+)
+
+
 def _existing(
     conn: Connection, hashes: Iterable[str]
 ) -> dict[str, list[tuple[int, int, RunStatus, bool]]]:
     """config_hash -> [(run id, experiment id, status, published)] for runs already stored."""
+    # One array parameter per query: an IN list of thousands of bound parameters
+    # costs more to compile than to run.
     found: dict[str, list[tuple[int, int, RunStatus, bool]]] = {}
     hashes = list(hashes)
-    cols = (
-        _RUNS.c.id,
-        _RUNS.c.experiment_id,
-        _RUNS.c.status,
-        _RUNS.c.published,
-        _RUNS.c.config_hash,
-    )
+    postgres = conn.dialect.name == "postgresql"
     for start in range(0, len(hashes), LOOKUP_CHUNK):
         chunk = hashes[start : start + LOOKUP_CHUNK]
-        for rid, eid, status, published, digest in conn.execute(
-            select(*cols).where(_RUNS.c.config_hash.in_(chunk))
-        ):
+        if postgres:
+            result = conn.execute(_LOOKUP_PG, {"hashes": chunk})
+        else:
+            result = conn.execute(_LOOKUP_SQLITE, {"hashes": json.dumps(chunk)})
+        for rid, eid, status, published, digest in result:
             found.setdefault(digest, []).append((rid, eid, RunStatus(status), bool(published)))
     return found
 
@@ -301,20 +346,73 @@ def _existing(
 def _insert_runs(
     conn: Connection, rows: list[dict[str, Any]], progress: Progress | None
 ) -> list[int]:
-    ids: list[int] = []
-    stmt = insert(_RUNS).returning(_RUNS.c.id, sort_by_parameter_order=True)
+    """Insert ``rows`` into ``runs`` in the caller's transaction; their ids, in order."""
+    if not rows:
+        return []
+    if conn.dialect.name == "postgresql":
+        return _copy_runs(conn, rows, progress)
+    # SQLite: this transaction holds the write lock (BEGIN IMMEDIATE), so the ids
+    # after the largest one are ours, and the driver's executemany of plain tuples
+    # needs no RETURNING.
+    first = (conn.execute(select(func.max(_RUNS.c.id))).scalar() or 0) + 1
+    ids = list(range(first, first + len(rows)))
+    statement = (
+        f"INSERT INTO runs ({', '.join(_COPY_COLUMNS)}) "
+        f"VALUES ({', '.join('?' * len(_COPY_COLUMNS))})"
+    )
+    # Datetimes as SQLAlchemy writes them on SQLite, so SQL comparisons of created_at hold.
+    kind = _RUNS.c.created_at.type.dialect_impl(conn.dialect)
+    to_db = kind.bind_processor(conn.dialect) or (lambda v: v)
     for start in range(0, len(rows), INSERT_CHUNK):
         chunk = rows[start : start + INSERT_CHUNK]
-        ids.extend(conn.execute(stmt, chunk).scalars())
+        values = [_plain(i, row) for i, row in zip(ids[start:], chunk, strict=False)]
+        at = len(values[0]) - 1  # created_at is the last column
+        conn.exec_driver_sql(statement, [(*v[:at], to_db(v[at])) for v in values])
         if progress is not None:
             progress("insert", start + len(chunk), len(rows))
     return ids
 
 
+def _plain(run_id: int, row: dict[str, Any]) -> tuple[Any, ...]:
+    """A ``run_row`` as driver values in ``_COPY_COLUMNS`` order (JSON text, status name)."""
+    values = [row[k] for k in _ROW_KEYS]
+    values[0] = json.dumps(values[0])
+    values[_STATUS_AT] = values[_STATUS_AT].name
+    return (run_id, *values)
+
+
+_COPY_COLUMNS = ("id", *_ROW_KEYS)
+
+
+def _copy_runs(
+    conn: Connection, rows: list[dict[str, Any]], progress: Progress | None
+) -> list[int]:
+    # COPY is about 10x faster than a multi-row INSERT ... RETURNING; the ids come
+    # from the table's own sequence first, so they are known without RETURNING.
+    ids = list(
+        conn.execute(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('runs', 'id')) FROM generate_series(1, :n)"
+            ),
+            {"n": len(rows)},
+        ).scalars()
+    )
+    statement = f"COPY runs ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
+    with conn.connection.driver_connection.cursor() as cur, cur.copy(statement) as copy:
+        for start in range(0, len(rows), INSERT_CHUNK):
+            for run_id, row in zip(
+                ids[start : start + INSERT_CHUNK], rows[start : start + INSERT_CHUNK], strict=True
+            ):
+                copy.write_row(_plain(run_id, row))
+            if progress is not None:
+                progress("insert", min(start + INSERT_CHUNK, len(rows)), len(rows))
+    return ids
+
+
 def _requeue(conn: Connection, ids: list[int]) -> None:
     # Back to a fresh start: a failed run resumed from its checkpoint would likely fail again.
-    for start in range(0, len(ids), LOOKUP_CHUNK):
-        chunk = ids[start : start + LOOKUP_CHUNK]
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start : start + ID_CHUNK]
         conn.execute(update(_RUNS).where(_RUNS.c.id.in_(chunk)).values(_RESET))
         conn.execute(delete(metrics).where(metrics.c.run_id.in_(chunk)))
         conn.execute(delete(Artifact.__table__).where(Artifact.__table__.c.run_id.in_(chunk)))
