@@ -26,12 +26,21 @@ allocates at most per-row temporaries.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 
 #: Slope of leaky ReLU for negative inputs.
 LEAKY_SLOPE = 0.01
+
+#: Exponents are raised to this floor before ``exp``: results stay normal numbers
+#: (subnormal ones make ``exp`` 10-100x slower), and ``exp(floor)`` is far below
+#: anything that can change a probability or a loss in that dtype.
+EXP_FLOOR = {
+    np.dtype(np.float32): math.log(np.finfo(np.float32).smallest_normal) + 1.0,  # about -86
+    np.dtype(np.float64): math.log(np.finfo(np.float64).smallest_normal) + 1.0,  # about -707
+}
 
 
 # -- hidden activations, in place ---------------------------------------------------------
@@ -71,6 +80,7 @@ def inplace_sigmoid(Z: np.ndarray) -> None:
 def inplace_softmax(Z: np.ndarray) -> None:
     """Softmax over the last axis, in place (``Z`` of shape ``(..., n, c)``)."""
     Z -= Z.max(axis=-1, keepdims=True)
+    np.maximum(Z, EXP_FLOOR[Z.dtype], out=Z)
     np.exp(Z, out=Z)
     Z /= Z.sum(axis=-1, keepdims=True)
 

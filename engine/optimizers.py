@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.candidates import Candidates
 from engine.network import Backprop, Forward, Network
 
 #: Random walk with adapt_step: log(sigma) moves by this times (accepted - target)
@@ -230,49 +231,47 @@ class RandomWalkOptimizer(Optimizer):
         self.best_loss = math.inf
         self.accepted = 0
         self.proposed = 0
-        n = X.shape[0]
-        self._cands = np.empty((K, net.n_params), dtype=net.dtype)
-        self._batched = Forward(net, self._cands, n)
-        self._single = Forward(net, self.theta, n)
-        self._out = np.empty((n, net.units[-1]), dtype=net.dtype)  # output at theta
+        if net.task == "multiclass":
+            y = Y.argmax(axis=1)
+        else:
+            y = Y[:, 0]
+        self._cands = Candidates(net, X, y, K)
+        self._logits = np.empty((net.units[-1], X.shape[0]), dtype=net.dtype)  # at theta
 
     @property
     def result_params(self) -> np.ndarray:
         return self.best
 
     def start(self) -> None:
-        P = self._single.forward(self.X)
-        self.loss = _finite_or_inf(float(self.net.loss_function(self.Y, P)))
-        np.copyto(self._out, P)
+        self._cands.set_first(self.theta)
+        self.loss = _finite_or_inf(float(self._cands.losses(1)[0]))
+        np.copyto(self._logits, self._cands.logits(0))
         self.best_loss = self.loss
         np.copyto(self.best, self.theta)
 
     def train_eval(self) -> tuple[float, np.ndarray]:
-        return self.loss, self._out
+        return self.loss, self._cands.outputs(self._logits)
 
     def step(self, t: int) -> dict[str, float | None]:
         cfg = self.config
         sigma = self.sigma
         temperature = cfg.temperature * cfg.cooling**t
         cands = self._cands
-        self.rng.standard_normal(out=cands, dtype=cands.dtype)
-        cands *= sigma
-        cands += self.theta
-        P = self._batched.forward(self.X)
-        losses = np.asarray(self.net.loss_function(self.Y, P), dtype=np.float64)
-        losses[~np.isfinite(losses)] = math.inf
-        k = int(np.argmin(losses))
-        delta = float(losses[k]) - self.loss
+        cands.propose(self.theta, sigma, self.rng)
+        losses = cands.losses()
+        k = int(np.argmin(np.where(np.isnan(losses), np.inf, losses)))
+        new_loss = _finite_or_inf(float(losses[k]))
+        delta = new_loss - self.loss
         u = self.rng.random()  # drawn every iteration, used only when T > 0
         accept = delta < 0 or (temperature > 0 and u < math.exp(-delta / temperature))
         self.proposed += 1
         if accept:
             self.accepted += 1
-            np.copyto(self.theta, cands[k])
-            np.copyto(self._out, P[k])
-            self.loss = float(losses[k])
-            if self.loss < self.best_loss:
-                self.best_loss = self.loss
+            cands.take(k, self.theta)
+            np.copyto(self._logits, cands.logits(k))
+            self.loss = new_loss
+            if new_loss < self.best_loss:
+                self.best_loss = new_loss
                 np.copyto(self.best, self.theta)
         if not math.isfinite(self.loss):
             self.diverged = True  # only possible when the initial loss is not finite
@@ -289,7 +288,7 @@ class RandomWalkOptimizer(Optimizer):
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays, scalars = super().state()
-        arrays.update(best=self.best, out=self._out)
+        arrays.update(best=self.best, logits=self._logits)
         scalars.update(
             sigma=self.sigma,
             loss=self.loss,
@@ -302,7 +301,7 @@ class RandomWalkOptimizer(Optimizer):
     def load_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
         super().load_state(arrays, scalars)
         np.copyto(self.best, arrays["best"])
-        np.copyto(self._out, arrays["out"])
+        np.copyto(self._logits, arrays["logits"])
         self.sigma = float(scalars["sigma"])
         self.loss = float(scalars["loss"])
         self.best_loss = float(scalars["best_loss"])
