@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.exceptions import NotFoundError
@@ -97,20 +97,77 @@ class Refusal:
     reason: str
 
 
-def _claim_values(worker: str, now: datetime) -> dict[str, Any]:
-    return {
-        "status": RunStatus.running,
-        "attempt": Run.attempt + 1,
-        "worker": worker,
-        "heartbeat_at": now,
-        "started_at": func.coalesce(Run.started_at, now),
-        "published": True,
-    }
+_runs = Run.__table__
+_artifacts = Artifact.__table__
+# The statements of a run's hot path are built once, with bind parameters: building
+# SQLAlchemy statements per call costs more than a tiny run's training.
+_CLAIM_VALUES: dict[str, Any] = {
+    "status": RunStatus.running,
+    "attempt": _runs.c.attempt + 1,
+    "worker": bindparam("b_worker"),
+    "heartbeat_at": bindparam("b_now"),
+    "started_at": func.coalesce(_runs.c.started_at, bindparam("b_now")),
+    "published": True,
+}
+_CLAIM = (
+    update(_runs)
+    .where(
+        _runs.c.id == bindparam("b_id"),
+        or_(
+            _runs.c.status == RunStatus.queued,
+            and_(_runs.c.status == RunStatus.running, _runs.c.heartbeat_at < bindparam("b_cutoff")),
+        ),
+        _runs.c.attempt < bindparam("b_max_attempts"),
+        ~_runs.c.cancel_requested,
+    )
+    .values(_CLAIM_VALUES)
+    .returning(_runs.c.attempt, _runs.c.config)
+)
+# Guards of every write a worker makes to a run it claimed.
+_OWNED = (
+    _runs.c.id == bindparam("b_id"),
+    _runs.c.worker == bindparam("b_worker"),
+    _runs.c.attempt == bindparam("b_attempt"),
+    _runs.c.status == RunStatus.running,
+)
+_HEARTBEAT = (
+    update(_runs)
+    .where(*_OWNED)
+    .values(heartbeat_at=bindparam("b_now"))
+    .returning(_runs.c.cancel_requested)
+)
+_FINISH = (
+    update(_runs)
+    .where(*_OWNED)
+    .values(
+        status=bindparam("b_status"),
+        finished_at=bindparam("b_now"),
+        heartbeat_at=bindparam("b_now"),
+        stop_reason=bindparam("b_stop_reason"),
+        error=bindparam("b_error"),
+        **{name: bindparam(f"b_{name}") for name in SUMMARY_COLUMNS},
+    )
+    .returning(_runs.c.id)
+)
+_DROP_ARTIFACTS = delete(_artifacts).where(_artifacts.c.run_id == bindparam("b_id"))
+# A plain INSERT: finish_run drops the run's artifacts first (service.ingest.save_artifact's
+# upsert costs more to build than a tiny run's whole final write).
+_INSERT_WEIGHTS = insert(_artifacts).values(
+    run_id=bindparam("b_id"),
+    kind=ArtifactKind.weights,
+    format="npz",
+    shapes=bindparam("b_shapes"),
+    step=None,
+    data=bindparam("b_data"),
+    size=bindparam("b_size"),
+    created_at=bindparam("b_now"),
+)
+_RECORD_RESUME = update(_runs).where(*_OWNED).values(resumed_from_step=bindparam("b_step"))
 
 
 def claim_run(
     *,
-    session: Session,
+    session: Session | Connection,
     run_id: int,
     worker: str,
     stale_seconds: float,
@@ -127,24 +184,27 @@ def claim_run(
     """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=stale_seconds)
-    claimable = or_(
-        Run.status == RunStatus.queued,
-        and_(Run.status == RunStatus.running, Run.heartbeat_at < cutoff),
-    )
     row = session.execute(
-        update(Run)
-        .where(Run.id == run_id, claimable, Run.attempt < max_attempts, ~Run.cancel_requested)
-        .values(_claim_values(worker, now))
-        .returning(Run.attempt, Run.config)
-        .execution_options(synchronize_session=False)
+        _CLAIM,
+        {
+            "b_id": run_id,
+            "b_worker": worker,
+            "b_now": now,
+            "b_cutoff": cutoff,
+            "b_max_attempts": max_attempts,
+        },
     ).first()
     if row is not None:
         return Claim(run_id=run_id, attempt=row.attempt, worker=worker, config=row.config)
 
     seen = session.execute(
-        select(Run.status, Run.attempt, Run.worker, Run.heartbeat_at, Run.cancel_requested).where(
-            Run.id == run_id
-        )
+        select(
+            _runs.c.status,
+            _runs.c.attempt,
+            _runs.c.worker,
+            _runs.c.heartbeat_at,
+            _runs.c.cancel_requested,
+        ).where(_runs.c.id == run_id)
     ).first()
     if seen is None:
         return Refusal(run_id, f"run {run_id} does not exist")
@@ -161,11 +221,11 @@ def claim_run(
             run_id, f"run {run_id} is running on {seen.worker} (heartbeat {age:.1f}s ago)"
         )
     # Compare-and-set on what was read: if anyone changed the row since, this matches nothing.
-    same_row = update(Run).where(
-        Run.id == run_id,
-        Run.status == status,
-        Run.attempt == seen.attempt,
-        Run.worker.is_(None) if seen.worker is None else Run.worker == seen.worker,
+    same_row = update(_runs).where(
+        _runs.c.id == run_id,
+        _runs.c.status == status,
+        _runs.c.attempt == seen.attempt,
+        _runs.c.worker.is_(None) if seen.worker is None else _runs.c.worker == seen.worker,
     )
     if seen.cancel_requested:
         values: dict[str, Any] = {"status": RunStatus.cancelled, "finished_at": now}
@@ -179,14 +239,13 @@ def claim_run(
         outcome = f"run {run_id} used up {seen.attempt} attempt(s); marked failed"
     else:
         row = session.execute(
-            same_row.values(_claim_values(worker, now))
-            .returning(Run.attempt, Run.config)
-            .execution_options(synchronize_session=False)
+            same_row.values(_CLAIM_VALUES).returning(_runs.c.attempt, _runs.c.config),
+            {"b_worker": worker, "b_now": now},
         ).first()
         if row is None:
             return Refusal(run_id, f"run {run_id} was claimed by another worker meanwhile")
         return Claim(run_id=run_id, attempt=row.attempt, worker=worker, config=row.config)
-    session.execute(same_row.values(values).execution_options(synchronize_session=False))
+    session.execute(same_row.values(values))
     return Refusal(run_id, outcome)
 
 
@@ -199,20 +258,17 @@ class Beat(enum.StrEnum):
 
 
 def heartbeat(
-    *, session: Session, run_id: int, worker: str, attempt: int, now: datetime | None = None
+    *,
+    session: Session | Connection,
+    run_id: int,
+    worker: str,
+    attempt: int,
+    now: datetime | None = None,
 ) -> Beat:
     """Refresh the heartbeat of a run this worker owns and say whether to go on."""
     row = session.execute(
-        update(Run)
-        .where(
-            Run.id == run_id,
-            Run.worker == worker,
-            Run.attempt == attempt,
-            Run.status == RunStatus.running,
-        )
-        .values(heartbeat_at=now or utcnow())
-        .returning(Run.cancel_requested)
-        .execution_options(synchronize_session=False)
+        _HEARTBEAT,
+        {"b_id": run_id, "b_worker": worker, "b_attempt": attempt, "b_now": now or utcnow()},
     ).first()
     if row is None:
         return Beat.lost
@@ -221,7 +277,7 @@ def heartbeat(
 
 def save_progress(
     *,
-    session: Session,
+    session: Session | Connection,
     run_id: int,
     worker: str,
     attempt: int,
@@ -255,7 +311,7 @@ class Resume:
     step: int  # last step the checkpoint holds; 0 = start over
 
 
-def prepare_resume(*, session: Session, run_id: int) -> Resume:
+def prepare_resume(*, session: Session | Connection, run_id: int) -> Resume:
     """The run's last checkpoint, with metric rows after it deleted.
 
     Rows after the checkpoint came from a worker that died before its next
@@ -269,19 +325,18 @@ def prepare_resume(*, session: Session, run_id: int) -> Resume:
     return Resume(checkpoint=stored.data if stored is not None else None, step=step)
 
 
-def record_resume(*, session: Session, run_id: int, worker: str, attempt: int, step: int) -> None:
+def record_resume(
+    *, session: Session | Connection, run_id: int, worker: str, attempt: int, step: int
+) -> None:
     """Note in the run row the step a reclaimed run resumed from."""
     session.execute(
-        update(Run)
-        .where(Run.id == run_id, Run.worker == worker, Run.attempt == attempt)
-        .values(resumed_from_step=step)
-        .execution_options(synchronize_session=False)
+        _RECORD_RESUME, {"b_id": run_id, "b_worker": worker, "b_attempt": attempt, "b_step": step}
     )
 
 
 def finish_run(
     *,
-    session: Session,
+    session: Session | Connection,
     run_id: int,
     worker: str,
     attempt: int,
@@ -296,41 +351,38 @@ def finish_run(
     """Write a run's outcome in one transaction: status, summary, last metrics, weights.
 
     Returns False (and writes nothing) when this worker no longer owns the run.
-    The checkpoint is deleted: a finished run is never resumed.
+    The checkpoint goes: a finished run is never resumed.
     """
-    from service.ingest import save_artifact, write_metrics
+    from service.ingest import npz_shapes, write_metrics
 
-    values: dict[str, Any] = {
-        "status": status,
-        "finished_at": now or utcnow(),
-        "heartbeat_at": now or utcnow(),
-        "stop_reason": stop_reason,
-        "error": error,
+    now = now or utcnow()
+    summary = summary or {}
+    params: dict[str, Any] = {
+        "b_id": run_id,
+        "b_worker": worker,
+        "b_attempt": attempt,
+        "b_status": status,
+        "b_now": now,
+        "b_stop_reason": stop_reason,
+        "b_error": error,
+        **{f"b_{name}": summary.get(name) for name in SUMMARY_COLUMNS},
     }
-    for name in SUMMARY_COLUMNS:
-        if summary and name in summary:
-            values[name] = summary[name]
-    row = session.execute(
-        update(Run)
-        .where(
-            Run.id == run_id,
-            Run.worker == worker,
-            Run.attempt == attempt,
-            Run.status == RunStatus.running,
-        )
-        .values(values)
-        .returning(Run.id)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if row is None:
+    if session.execute(_FINISH, params).first() is None:
         return False
     if records:
         write_metrics(session, run_id, records)
-    session.execute(
-        delete(Artifact).where(Artifact.run_id == run_id, Artifact.kind == ArtifactKind.checkpoint)
-    )
+    session.execute(_DROP_ARTIFACTS, {"b_id": run_id})
     if weights is not None:
-        save_artifact(session, run_id, ArtifactKind.weights, weights)
+        session.execute(
+            _INSERT_WEIGHTS,
+            {
+                "b_id": run_id,
+                "b_shapes": npz_shapes(weights),
+                "b_data": weights,
+                "b_size": len(weights),
+                "b_now": now,
+            },
+        )
     return True
 
 
@@ -447,7 +499,7 @@ class ReapResult:
 
 def reap_stale(
     *,
-    session: Session,
+    session: Session | Connection,
     stale_seconds: float,
     max_attempts: int,
     experiment_id: int | None = None,

@@ -1,8 +1,10 @@
 """One run, start to finish, on this worker: what the train task calls.
 
-Round trips for a run that finishes within one flush interval: the claim (one
-UPDATE), the final write (one transaction: status, summary, metrics, weights).
-Longer runs add one transaction per flush/heartbeat and per checkpoint.
+A run holds one pooled connection from its claim to its final write, and every
+write is a short transaction on it. Round trips for a run that finishes within
+one flush interval: the claim (one UPDATE ... RETURNING) and the final write
+(one transaction: status and summary, metrics, weights). Longer runs add one
+transaction per flush or heartbeat, and per checkpoint.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
-from service.db import get_engine, session_scope
+# Imported here, in the worker's main process, so forked children start with NumPy loaded.
+from engine import TrainConfig, Trainer, load_dataset
+from service.db import get_engine
+from service.grid import TIME_LIMIT_KEY
 from service.models import RunStatus
 from service.runs import (
     Beat,
@@ -33,9 +38,6 @@ from service.settings import Settings
 
 log = logging.getLogger("mlpq.worker")
 
-#: Run-config key (seconds) that bounds one run's training time; not a TrainConfig field.
-TIME_LIMIT_KEY = "time_limit"
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -50,47 +52,44 @@ def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -
     """Claim ``run_id``, train it and store the result; never raises for a run's own failure."""
     engine = get_engine(settings.database_url)
     worker = worker or worker_identity()
-    with session_scope(engine) as session:
-        claim = claim_run(
-            session=session,
-            run_id=run_id,
-            worker=worker,
-            stale_seconds=settings.stale_seconds,
-            max_attempts=settings.max_attempts,
-        )
-    if isinstance(claim, Refusal):
-        log.info("run %d: message dropped: %s", run_id, claim.reason)
-        return Outcome(run_id, "dropped", claim.reason)
-    log.info("run %d: claimed by %s (attempt %d)", run_id, worker, claim.attempt)
-    session = _RunSession(claim, settings, engine)
-    try:
-        return session.train()
-    except Exception:
-        error = traceback.format_exc()
-        log.error("run %d: failed:\n%s", run_id, error)
-        return session.fail(error)
+    with engine.connect() as conn:
+        with conn.begin():
+            claim = claim_run(
+                session=conn,
+                run_id=run_id,
+                worker=worker,
+                stale_seconds=settings.stale_seconds,
+                max_attempts=settings.max_attempts,
+            )
+        if isinstance(claim, Refusal):
+            log.info("run %d: message dropped: %s", run_id, claim.reason)
+            return Outcome(run_id, "dropped", claim.reason)
+        log.info("run %d: claimed by %s (attempt %d)", run_id, worker, claim.attempt)
+        run = _ClaimedRun(claim, settings, conn)
+        try:
+            return run.train()
+        except Exception:
+            error = traceback.format_exc()
+            log.error("run %d: failed:\n%s", run_id, error)
+            return run.fail(error)
 
 
-class _RunSession:
-    """The worker's side of one claimed run: buffers, clocks and the writes."""
+class _ClaimedRun:
+    """The worker's side of one claimed run: the metric buffer, the clocks and the writes."""
 
-    def __init__(self, claim: Claim, settings: Settings, engine: Engine) -> None:
+    def __init__(self, claim: Claim, settings: Settings, conn: Connection) -> None:
         self.claim = claim
         self.settings = settings
-        self.engine = engine
+        self.conn = conn
         self.buffer: list[dict[str, Any]] = []
 
     def train(self) -> Outcome:
-        from engine import TrainConfig, Trainer
-
         claim, settings = self.claim, self.settings
         raw = dict(claim.config)
         time_limit = raw.pop(TIME_LIMIT_KEY, None)
         config = TrainConfig.from_dict(raw)
-        data = _load_data(config, self.engine)
-        state = None
-        if claim.attempt > 1:
-            state = self._resume()
+        data = _load_data(config, self.conn.engine)
+        state = self._resume() if claim.attempt > 1 else None
         trainer = Trainer(config, data, state=state)
 
         start = time.monotonic()
@@ -130,12 +129,13 @@ class _RunSession:
                 status, stop_reason = RunStatus.cancelled, "cancelled"
                 break
 
+        # A cancelled or time-limited run keeps the weights and summary it reached.
         result = trainer.result()
         if status is None:
             status, stop_reason = RunStatus(result.outcome), result.stop_reason
-        with session_scope(self.engine) as session:
+        with self.conn.begin():
             owned = finish_run(
-                session=session,
+                session=self.conn,
                 run_id=claim.run_id,
                 worker=claim.worker,
                 attempt=claim.attempt,
@@ -153,12 +153,14 @@ class _RunSession:
 
     def fail(self, error: str) -> Outcome:
         claim = self.claim
+        if self.conn.in_transaction():
+            self.conn.rollback()
         # Keep the buffered metrics if they can be written; they help explain the failure.
         for records in (self.buffer, []):
             try:
-                with session_scope(self.engine) as session:
+                with self.conn.begin():
                     owned = finish_run(
-                        session=session,
+                        session=self.conn,
                         run_id=claim.run_id,
                         worker=claim.worker,
                         attempt=claim.attempt,
@@ -174,10 +176,10 @@ class _RunSession:
 
     def _resume(self) -> bytes | None:
         claim = self.claim
-        with session_scope(self.engine) as session:
-            resume = prepare_resume(session=session, run_id=claim.run_id)
+        with self.conn.begin():
+            resume = prepare_resume(session=self.conn, run_id=claim.run_id)
             record_resume(
-                session=session,
+                session=self.conn,
                 run_id=claim.run_id,
                 worker=claim.worker,
                 attempt=claim.attempt,
@@ -188,9 +190,9 @@ class _RunSession:
 
     def _save(self, checkpoint: bytes | None, step: int) -> Beat:
         claim = self.claim
-        with session_scope(self.engine) as session:
+        with self.conn.begin():
             beat = save_progress(
-                session=session,
+                session=self.conn,
                 run_id=claim.run_id,
                 worker=claim.worker,
                 attempt=claim.attempt,
@@ -203,9 +205,7 @@ class _RunSession:
         return beat
 
 
-def _load_data(config: Any, engine: Engine) -> Any:
-    from engine import load_dataset
-
+def _load_data(config: TrainConfig, engine: Engine) -> Any:
     csv = None
     if config.dataset.startswith("csv:"):
         csv = _csv_bytes(config.dataset.removeprefix("csv:"), engine)

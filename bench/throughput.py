@@ -1,0 +1,311 @@
+"""Run throughput: tiny runs through real Celery workers vs a no-op task on the same setup.
+
+2,000 tiny runs (moons, 2-16-1 network, 20 steps each, half backprop and half
+random walk, a metrics row every step, final weights stored) go through one
+``celery worker`` with 2 prefork processes (``mlpq worker --concurrency 2``'s
+command line) on Redis, into PostgreSQL. The reference, measured in the same
+invocation with the same worker command and broker: the same number of no-op
+tasks (``mlpq.ping``). Each figure is the time from the first publish to the
+last message done (every run finished in SQL; the Redis queue and its unacked
+set empty for the no-ops), workers already up, averaged over nothing: one pass
+each, reference first.
+
+Redis is a ``redis-server`` of the benchmark's own on a free port (no
+persistence), PostgreSQL a schema of its own in ``MLPQ_BENCH_PG_URL``; both are
+removed at the end. The last line is JSON. ``--quick`` uses 300 runs and ends
+within a minute.
+
+    python bench/throughput.py [--quick] [--runs N] [--concurrency 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.engine import make_url
+
+from service.celery_app import QUEUE, make_app
+from service.db import make_engine
+from service.grid import load_grid
+from service.migrate import upgrade
+from service.models import FINISHED, Run
+from service.settings import load_settings
+from service.submit import submit
+from worker.local import worker_command, worker_environment
+
+PG_URL = os.environ.get("MLPQ_BENCH_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+PING_TASK = "mlpq.ping"
+GRID = """\
+name: throughput
+datasets: [moons]
+seeds: {seeds}
+model: {{hidden: [[16]], activation: tanh}}
+budget: {{epochs: 20, iterations: 20}}
+optimizers:
+  - optimizer: backprop
+    learning_rate: 0.1
+  - optimizer: random_walk
+    step_size: 0.1
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, every: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"throughput: timed out waiting for {what}")
+        time.sleep(every)
+
+
+class Redis:
+    def __init__(self, directory: Path) -> None:
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("throughput: redis-server is not installed")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.client = redis.Redis(port=self.port)
+
+        def up() -> bool:
+            try:
+                return bool(self.client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(up, 10, "redis-server")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def idle(self) -> bool:
+        return self.client.llen(QUEUE) == 0 and self.client.hlen("unacked") == 0
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Workers:
+    def __init__(self, env: dict[str, str], concurrency: int, log: Path) -> None:
+        self.log_path = log
+        self._log = open(log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            worker_command(concurrency=concurrency, loglevel="WARNING", hostname="bench@%h"),
+            env=worker_environment(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    def wait_ready(self, app) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"throughput: worker exited:\n{self.log_path.read_text()[-3000:]}")
+            replies = app.control.ping(timeout=0.5)
+            return bool(replies)
+
+        wait_until(ready, 60, "the worker", every=0.2)
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(p) for p in path.read_text().split()]
+        except OSError:
+            return []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def publish_pings(app, n: int) -> None:
+    """n no-op messages, published the way service.submit.publish_runs publishes runs."""
+    amqp = app.amqp
+    with app.connection_for_write() as conn:
+        producer = amqp.Producer(conn, auto_declare=False)
+        with producer.batch(max_size=n + 1):
+            for _ in range(n):
+                task_id = str(uuid.uuid4())
+                message = amqp.create_task_message(
+                    task_id, PING_TASK, (), {}, argsrepr="()", kwargsrepr="{}"
+                )
+                amqp.send_task_message(producer, PING_TASK, message, queue=QUEUE, retry=False)
+
+
+def finished(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(func.count()).select_from(Run).where(Run.status.in_(list(FINISHED)))
+        ).scalar_one()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="300 runs; ends within a minute")
+    parser.add_argument("--runs", type=int, default=None, help="runs (even; default 2000)")
+    parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy record the worker children into this folder",
+    )
+    args = parser.parse_args()
+    runs = args.runs or (300 if args.quick else 2000)
+    runs += runs % 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="mlpq-bench-"))
+    schema = f"mlpq_bench_{uuid.uuid4().hex[:10]}"
+    admin = make_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    store_url = url.render_as_string(hide_password=False)
+    redis = Redis(tmp)
+    engine = make_engine(store_url)
+    workers = None
+    try:
+        upgrade(engine)
+        settings = {"database_url": store_url, "broker_url": redis.url, "home": tmp / "home"}
+        app = make_app(load_settings(**settings))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLPQ_")}
+        env.update({f"MLPQ_{k.upper()}": str(v) for k, v in settings.items()})
+        grid_file = tmp / "grid.yaml"
+        grid_file.write_text(GRID.format(seeds=runs // 2))
+        grid = load_grid(grid_file, max_runs=runs, yes=True)
+        assert len(grid.runs) == runs, len(grid.runs)
+
+        workers = Workers(env, args.concurrency, tmp / "worker.log")
+        workers.wait_ready(app)
+
+        # Reference: no-op tasks through the same worker.
+        start = time.perf_counter()
+        publish_pings(app, runs)
+        wait_until(redis.idle, 300, "the no-op tasks")
+        noop_s = time.perf_counter() - start
+
+        profilers = []
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            for pid in [workers.proc.pid, *workers.children()]:
+                profilers.append(
+                    subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "--pid",
+                            str(pid),
+                            "--idle",
+                            "--rate",
+                            "250",
+                            "--format",
+                            "raw",
+                            "-o",
+                            str(args.profile / f"worker-{pid}.txt"),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            time.sleep(1.0)
+
+        start = time.perf_counter()
+        report = submit(grid=grid, engine=engine, app=app)
+        submit_s = time.perf_counter() - start
+        wait_until(lambda: finished(engine) >= runs, 900, "the runs", every=0.05)
+        runs_s = time.perf_counter() - start
+        for prof in profilers:
+            prof.send_signal(signal.SIGINT)
+            prof.wait(timeout=60)
+
+        with engine.connect() as conn:
+            statuses = dict(
+                conn.execute(text("SELECT status, count(*) FROM runs GROUP BY status")).all()
+            )
+            rows = conn.execute(text("SELECT count(*) FROM metrics")).scalar_one()
+            weights = conn.execute(
+                text("SELECT count(*) FROM artifacts WHERE kind = 'weights'")
+            ).scalar_one()
+        if statuses != {"succeeded": runs} or rows != runs * 20 or weights != runs:
+            raise SystemExit(
+                f"throughput: wrong result: {statuses}, {rows} rows, {weights} weights"
+            )
+    finally:
+        if workers is not None:
+            workers.stop()
+        engine.dispose()
+        redis.close()
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.dispose()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    runs_per_s = runs / runs_s
+    noop_per_s = runs / noop_s
+    fraction = runs_per_s / noop_per_s
+    print(
+        f"tiny runs:  {runs} in {runs_s:.2f}s = {runs_per_s:.1f} runs/s "
+        f"({args.concurrency} worker processes, Redis, PostgreSQL; of which {submit_s:.2f}s "
+        f"storing and publishing {report.published} runs)"
+    )
+    print(f"no-op task: {runs} in {noop_s:.2f}s = {noop_per_s:.1f} tasks/s (same worker, broker)")
+    print(f"ratio: {fraction:.2f} of the no-op rate (target >= 0.4)")
+    print(
+        json.dumps(
+            {
+                "runs": runs,
+                "concurrency": args.concurrency,
+                "runs_per_s": round(runs_per_s, 1),
+                "noop_per_s": round(noop_per_s, 1),
+                "fraction_of_noop": round(fraction, 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
