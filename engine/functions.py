@@ -13,12 +13,14 @@ scikit-learn's ``neural_network/_base.py``:
   logistic sigmoid or identity. Each is the canonical link of
   ``LOSS_FUNCTIONS[task]``, so the error at the output pre-activation is simply
   ``P - Y``.
-- ``LOSS_FUNCTIONS[task](Y, P)`` is the mean loss over the sample axis (the
-  second to last one), so the same function scores one network, ``(n, c)``
-  arrays, or ``K`` stacked candidates, ``(K, n, c)`` arrays (it then returns
-  ``K`` losses). The conventions are scikit-learn's MLP: probabilities clipped
-  to ``[eps, 1 - eps]`` of their dtype before the log, and the squared error is
-  ``0.5 * mean`` of the squared residuals.
+- ``LOSS_FUNCTIONS[task](Y, Z)`` is the mean loss over the sample axis (the
+  second to last one), computed from the output layer's PRE-activation ``Z``
+  (the logits): the same function scores one network, ``(n, c)`` arrays, or
+  ``K`` stacked candidates, ``(K, n, c)`` arrays (it then returns ``K``
+  losses). The conventions are scikit-learn's MLP (each sample's loss as if
+  its probability were clipped to ``[eps, 1 - eps]``; the squared error is
+  ``0.5 * mean`` of the squared residuals), but computed from logits, so the
+  value is accurate even where a probability rounds to 0 or 1.
 
 Every function works for float32 and float64 arrays, keeps their dtype and
 allocates at most per-row temporaries.
@@ -75,6 +77,19 @@ def inplace_sigmoid(Z: np.ndarray) -> None:
     np.tanh(Z, out=Z)
     Z += 1
     Z *= 0.5
+
+
+def inplace_logistic(Z: np.ndarray) -> None:
+    """Logistic sigmoid with full relative precision in both tails, in place.
+
+    ``exp(-softplus(-z))``: the binary output layer needs it, because the loss
+    takes the log of probabilities as small as 1e-300. (``inplace_sigmoid``
+    is exact to within 1e-16 absolute, which is all a hidden unit needs.)
+    """
+    np.negative(Z, out=Z)
+    np.logaddexp(0, Z, out=Z)
+    np.negative(Z, out=Z)
+    np.exp(Z, out=Z)
 
 
 def inplace_softmax(Z: np.ndarray) -> None:
@@ -135,65 +150,79 @@ DERIVATIVES: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
 
 OUTPUT_ACTIVATIONS: dict[str, Callable[[np.ndarray], None]] = {
     "multiclass": inplace_softmax,
-    "binary": inplace_sigmoid,
+    "binary": inplace_logistic,
     "regression": inplace_identity,
 }
 
 
-def log_loss(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
-    """Categorical cross-entropy, mean over samples.
+def _loss_clip(dtype: np.dtype) -> tuple[float, float]:
+    """Per-sample loss bounds of scikit-learn's clip of probabilities to [eps, 1 - eps]."""
+    eps = float(np.finfo(dtype).eps)
+    return -math.log1p(-eps), -math.log(eps)
+
+
+def log_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """Categorical cross-entropy of softmax(Z), mean over samples, from the logits.
 
     Parameters
     ----------
     Y : ndarray of shape (n_samples, n_classes)
         One-hot targets.
-    P : ndarray of shape (..., n_samples, n_classes)
-        Softmax probabilities.
+    Z : ndarray of shape (..., n_samples, n_classes)
+        Output pre-activations (logits).
 
     Returns
     -------
     loss : ndarray of shape (...)
-        ``-mean_i log p_i[y_i]``; a 0-d array for a single network.
+        ``mean_i -log softmax(z_i)[y_i]``, each term clipped as scikit-learn
+        clips the probability to ``[eps, 1 - eps]``; a 0-d array for one network.
     """
-    # Y is one-hot, so sum_c Y*P picks p[y] with one multiply-add per entry and
-    # the log runs over n values instead of n*c.
-    p_true = (P * Y).sum(axis=-1)
-    eps = np.finfo(P.dtype).eps
-    np.clip(p_true, eps, 1 - eps, out=p_true)
-    np.log(p_true, out=p_true)
-    return -p_true.mean(axis=-1)
+    # -log softmax_y(z) = log sum_c exp(z_c - z_y): the sum is >= 1 (its y term is 1),
+    # so no log 0, and an overflow to inf is a loss beyond the clip anyway.
+    z_true = (Z * Y).sum(axis=-1, keepdims=True)  # Y is one-hot: picks z_y
+    E = Z - z_true
+    np.maximum(E, EXP_FLOOR[E.dtype], out=E)
+    with np.errstate(over="ignore"):
+        np.exp(E, out=E)
+    per_sample = np.log(E.sum(axis=-1))
+    np.clip(per_sample, *_loss_clip(Z.dtype), out=per_sample)
+    return per_sample.mean(axis=-1)
 
 
-def binary_log_loss(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
-    """Binary cross-entropy, mean over samples.
+def binary_log_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """Binary cross-entropy of sigmoid(Z), mean over samples, from the logits.
 
     Parameters
     ----------
     Y : ndarray of shape (n_samples, 1)
         0/1 targets.
-    P : ndarray of shape (..., n_samples, 1)
-        Sigmoid probabilities of class 1.
+    Z : ndarray of shape (..., n_samples, 1)
+        Output pre-activations (logits).
     """
-    eps = np.finfo(P.dtype).eps
-    p_true = np.where(Y > 0.5, P, 1 - P)  # probability given to the true class
-    np.clip(p_true, eps, 1 - eps, out=p_true)
-    np.log(p_true, out=p_true)
-    return -p_true.mean(axis=(-2, -1))
+    # -log p(y) = softplus(z) for y = 0, softplus(-z) for y = 1, exact in both tails
+    s = Z * (1 - 2 * Y)
+    np.maximum(s, EXP_FLOOR[s.dtype], out=s)
+    with np.errstate(over="ignore"):
+        np.exp(s, out=s)
+    np.log1p(s, out=s)
+    np.clip(s, *_loss_clip(Z.dtype), out=s)
+    return s.mean(axis=(-2, -1))
 
 
-def squared_loss(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
+def squared_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
     """Half the squared error, summed over outputs and averaged over samples.
 
     With one output (the engine's regression) this is scikit-learn's
-    ``squared_error``, ``0.5 * mean((p - y)^2)``; summing over outputs keeps
-    ``P - Y`` the exact gradient when there are several.
+    ``squared_error``, ``0.5 * mean((z - y)^2)``; summing over outputs keeps
+    ``Z - Y`` the exact gradient when there are several.
 
     Parameters
     ----------
     Y : ndarray of shape (n_samples, n_outputs)
-    P : ndarray of shape (..., n_samples, n_outputs)
+    Z : ndarray of shape (..., n_samples, n_outputs)
+        Predictions (the output layer is the identity).
     """
-    R = P - Y
+    R = Z - Y
     R *= R
     return 0.5 * R.sum(axis=-1).mean(axis=-1)
 

@@ -119,7 +119,11 @@ class Network:
     def forward(
         self, Ws: list[np.ndarray], bs: list[np.ndarray], X: np.ndarray, acts: list[np.ndarray]
     ) -> np.ndarray:
-        """Forward pass into the buffers ``acts``; returns the output layer.
+        """Forward pass into the buffers ``acts``; returns the output pre-activation (logits).
+
+        The output activation is not applied: the loss is computed from the
+        logits (``LOSS_FUNCTIONS``); ``self.output_activation`` turns them into
+        probabilities in place.
 
         Parameters
         ----------
@@ -137,7 +141,6 @@ class Network:
             if i < last:
                 self.hidden_activation(z)
             a = z
-        self.output_activation(a)
         return a
 
     def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -145,11 +148,20 @@ class Network:
         Ws, bs = self.unpack(theta)
         lead = theta.shape[:-1]
         acts = [np.empty((*lead, X.shape[0], u), dtype=self.dtype) for u in self.units[1:]]
+        out = self.forward(Ws, bs, X, acts)
+        self.output_activation(out)
+        return out
+
+    def logits(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """Output pre-activation for ``X``, freshly allocated."""
+        Ws, bs = self.unpack(theta)
+        lead = theta.shape[:-1]
+        acts = [np.empty((*lead, X.shape[0], u), dtype=self.dtype) for u in self.units[1:]]
         return self.forward(Ws, bs, X, acts)
 
     def loss(self, theta: np.ndarray, X: np.ndarray, Y: np.ndarray, alpha: float = 0.0) -> float:
         """Mean loss of ``theta`` on ``(X, Y)`` plus the L2 term ``alpha/(2n) sum W^2``."""
-        value = float(self.loss_function(Y, self.predict(theta, X)))
+        value = float(self.loss_function(Y, self.logits(theta, X)))
         if alpha:
             Ws, _ = self.unpack(theta)
             value += 0.5 * alpha * sum(float(np.dot(W.ravel(), W.ravel())) for W in Ws) / len(X)
@@ -185,7 +197,7 @@ class Forward:
         return views
 
     def forward(self, X: np.ndarray) -> np.ndarray:
-        """Output layer for ``X`` (at most ``capacity`` rows), in the internal buffer.
+        """Output logits for ``X`` (at most ``capacity`` rows), in the internal buffer.
 
         Returns an array of shape ``(..., n_samples, n_outputs)`` valid until the next pass.
         """
@@ -232,7 +244,7 @@ class Backprop(Forward):
         return 0.5 * self.alpha * sum(float(np.dot(W.ravel(), W.ravel())) for W in self.Ws) / n
 
     def backprop(
-        self, X: np.ndarray, Y: np.ndarray, forward_done: bool = False
+        self, X: np.ndarray, Y: np.ndarray, forward_done: float | None = None
     ) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
         """Loss and gradients of the mean loss (+ L2 term) on a batch.
 
@@ -241,9 +253,10 @@ class Backprop(Forward):
         X : ndarray of shape (n_samples, n_features)
         Y : ndarray of shape (n_samples, n_outputs)
             One-hot classes, 0/1 column, or regression targets.
-        forward_done : bool
-            The last call of ``forward`` was on this very ``X`` with the current
-            parameters; its activations are reused instead of recomputed.
+        forward_done : float, optional
+            The mean loss of the last ``forward`` on this very ``X`` with the
+            current parameters, after which the output activation was applied
+            to its buffer in place: the pass is reused instead of recomputed.
 
         Returns
         -------
@@ -257,8 +270,12 @@ class Backprop(Forward):
         acts = self.acts(m)
         deltas = self.deltas(m)
         Ws, gWs, gbs = self.Ws, self.gWs, self.gbs
-        P = acts[-1] if forward_done else net.forward(Ws, self.bs, X, acts)
-        loss = float(net.loss_function(Y, P))
+        if forward_done is None:
+            P = net.forward(Ws, self.bs, X, acts)
+            loss = float(net.loss_function(Y, P))
+            net.output_activation(P)
+        else:
+            P, loss = acts[-1], forward_done
         alpha = self.alpha
         if alpha:
             loss += self.l2_term(m)

@@ -124,7 +124,8 @@ class BackpropOptimizer(Optimizer):
         # Whole-training-set passes (train_eval); in full-batch mode the same
         # buffers as training, so a step can reuse the evaluation's forward pass.
         self._eval = self._bp if self.full_batch else Forward(net, self.theta, n)
-        self._evaluated: tuple[float, np.ndarray] | None = None
+        # (data loss, objective, probabilities) of the last train_eval at theta
+        self._evaluated: tuple[float, float, np.ndarray] | None = None
         #: The sample order of the last epoch (None in full-batch mode).
         self.order: np.ndarray | None = None
         if not self.full_batch:
@@ -142,16 +143,17 @@ class BackpropOptimizer(Optimizer):
     def train_eval(self) -> tuple[float, np.ndarray]:
         if self._evaluated is None:
             P = self._eval.forward(self.X)
-            loss = float(self.net.loss_function(self.Y, P)) + self._bp.l2_term(self.X.shape[0])
-            self._evaluated = (loss, P)
-        return self._evaluated
+            data_loss = float(self.net.loss_function(self.Y, P))
+            self.net.output_activation(P)
+            self._evaluated = (data_loss, data_loss + self._bp.l2_term(self.X.shape[0]), P)
+        return self._evaluated[1:]
 
     def step(self, t: int) -> dict[str, float | None]:
         cfg = self.config
         lr = cfg.learning_rate / (1.0 + cfg.lr_decay * t)
         theta, grad, velocity, momentum = self.theta, self.grad, self.velocity, cfg.momentum
         np.copyto(self._start_of_step, theta)
-        reuse = self.full_batch and self._evaluated is not None
+        reuse = self._evaluated[0] if self.full_batch and self._evaluated is not None else None
         self._evaluated = None
         if self.full_batch:
             batches = [(self.X, self.Y)]
@@ -166,7 +168,7 @@ class BackpropOptimizer(Optimizer):
         loss, grad_norm = 0.0, None
         for i, (xb, yb) in enumerate(batches):
             loss = backprop(xb, yb, reuse)[0]
-            reuse = False
+            reuse = None
             if not math.isfinite(loss):
                 break
             if i == last:

@@ -187,6 +187,7 @@ class Trainer:
             record.update(self._scores("train", P, self.data.y_train))
             P_val = self._val.forward(self._X_val)
             record["val_loss"] = float(self.net.loss_function(self._Y_val, P_val))
+            self.net.output_activation(P_val)
             record.update(self._scores("val", P_val, self.data.y_val))
         for key, value in record.items():  # no NaN or inf in a record: None instead
             if key != "step" and value is not None:
@@ -235,8 +236,8 @@ class Trainer:
     def _result(self) -> TrainResult:
         theta = self._opt.result_params
         net = self.net
-        P = net.predict(theta, self._X)
-        P_val = net.predict(theta, self._X_val)
+        P = net.logits(theta, self._X)
+        P_val = net.logits(theta, self._X_val)
         train_loss = float(net.loss_function(self._Y, P))
         if self._alpha:
             Ws, _ = net.unpack(theta)
@@ -244,6 +245,8 @@ class Trainer:
             train_loss += 0.5 * self._alpha * sq / self._X.shape[0]
         final = {"train_loss": train_loss,
                  "val_loss": float(net.loss_function(self._Y_val, P_val))}
+        net.output_activation(P)
+        net.output_activation(P_val)
         final.update(self._scores("train", P, self.data.y_train))
         final.update(self._scores("val", P_val, self.data.y_val))
         final = {k: _finite_or_none(v) for k, v in final.items()}

@@ -158,16 +158,32 @@ def test_derivatives_from_the_output_match_numeric_derivatives(Z) -> None:
 
 @settings(max_examples=50, deadline=None)
 @given(Z=arrays(np.float64, (5, 3), elements=st.floats(-50, 50, allow_subnormal=False)))
-def test_softmax_rows_are_distributions_and_loss_is_finite(Z) -> None:
+def test_softmax_rows_are_distributions_and_the_loss_is_minus_log_p_true(Z) -> None:
     from engine.functions import inplace_softmax
 
     P = Z.copy()
     inplace_softmax(P)
     np.testing.assert_allclose(P.sum(axis=1), 1.0, rtol=1e-12)
     assert (P >= 0).all()
-    Y = np.eye(3)[np.arange(5) % 3]
-    loss = float(LOSS_FUNCTIONS["multiclass"](Y, P))
-    assert 0 <= loss < 40
+    y = np.arange(5) % 3
+    Y = np.eye(3)[y]
+    loss = float(LOSS_FUNCTIONS["multiclass"](Y, Z))  # from the logits
+    eps = np.finfo(np.float64).eps
+    expected = -np.log(np.clip(P[np.arange(5), y], eps, 1 - eps)).mean()
+    # equal wherever the probability is representable well away from 0 and 1
+    if (P[np.arange(5), y] > 1e-300).all() and (1 - P[np.arange(5), y] > 1e-6).all():
+        assert loss == pytest.approx(expected, rel=1e-9)
+    assert 0 <= loss <= -np.log(eps) + 1e-12
+
+
+@settings(max_examples=50, deadline=None)
+@given(z=st.floats(-800, 800), y=st.integers(0, 1))
+def test_binary_loss_is_exact_in_both_tails(z, y) -> None:
+    Z = np.array([[z]])
+    loss = float(LOSS_FUNCTIONS["binary"](np.array([[float(y)]]), Z))
+    eps = np.finfo(np.float64).eps
+    exact = np.logaddexp(0.0, -z if y else z)  # -log p(y)
+    assert loss == pytest.approx(np.clip(exact, -np.log1p(-eps), -np.log(eps)), rel=1e-12)
 
 
 def test_sigmoid_does_not_overflow_for_large_inputs() -> None:
