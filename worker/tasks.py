@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 
+from celery import Task
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from service.celery_app import REAP_TASK, TRAIN_TASK
 from service.settings import get_settings
 from worker.app import app
@@ -18,15 +21,29 @@ log = logging.getLogger("mlpq.worker")
 
 #: Name of the no-op task (health checks, and the reference rate in bench/throughput.py).
 PING_TASK = "mlpq.ping"
+#: Seconds before a message whose run could not be claimed (store unreachable) is tried again.
+STORE_RETRY_SECONDS = 5
 
 
-@app.task(name=TRAIN_TASK, ignore_result=True)
-def train(run_id: object) -> str:
+@app.task(name=TRAIN_TASK, bind=True, ignore_result=True, max_retries=None)
+def train(self: Task, run_id: object) -> str:
     """Train run ``run_id`` (claim, train, store); returns what became of it."""
     if isinstance(run_id, bool) or not isinstance(run_id, int):
         log.error("train: message dropped: run id must be an integer, got %r", run_id)
         return "dropped"
-    outcome = execute_run(run_id=run_id, settings=get_settings())
+    try:
+        outcome = execute_run(run_id=run_id, settings=get_settings())
+    except (OperationalError, InterfaceError) as exc:
+        # The store is unreachable before the claim: acking would lose the run's only
+        # message, so it comes back later (a run's own failures never reach here).
+        first = str(exc.orig or exc).strip().splitlines()[0]
+        log.warning(
+            "run %d: store unreachable (%s); trying again in %ds",
+            run_id,
+            first,
+            STORE_RETRY_SECONDS,
+        )
+        raise self.retry(countdown=STORE_RETRY_SECONDS) from None
     return outcome.status
 
 

@@ -402,3 +402,43 @@ def test_redis_restart_mid_grid_every_run_completes(pg_store_url: str, tmp_path:
     finally:
         c.close()
         server.stop()
+
+
+def test_message_waits_while_the_store_is_unreachable_and_the_run_trains_once_it_is_back(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    from service.celery_app import TRAIN_TASK
+    from service.db import make_engine
+    from service.migrate import upgrade
+
+    name = f"mlpq_test_down_{os.getpid()}_{int(time.time())}"
+    # The PostgreSQL server the shared fixtures use (tests/conftest.py).
+    server = os.environ.get("MLPQ_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+    url = make_url(server).set(database=name).render_as_string(hide_password=False)
+    c = Cluster(url, redis_url, tmp_path / "home", tmp_path)
+    admin = make_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        worker = c.start_worker("w1", concurrency=1)
+        # The store's database does not exist yet: the claim cannot even connect.
+        c.app.send_task(TRAIN_TASK, args=[1])
+        wait_for(
+            lambda: "run 1: store unreachable" in worker.log(),
+            timeout=30,
+            what="the worker to find the store unreachable",
+        )
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        store = make_engine(url)
+        upgrade(store)
+        (run_id,) = add_runs(store, [TINY_BACKPROP])
+        assert run_id == 1
+        row = c.wait_finished([run_id], timeout=30)[run_id]
+        assert RunStatus(row.status) is RunStatus.succeeded and row.attempt == 1
+        store.dispose()
+    finally:
+        c.close()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
