@@ -1,0 +1,302 @@
+"""Training speed of the engine beside references measured in the same run, one BLAS thread.
+
+Backprop: digits tiled x4 (7,188 samples), layers 64-256-128-10, ReLU, batch 64,
+float32, one epoch of
+  (a) the engine (``Trainer.steps()``, metrics off for the timed epochs),
+  (b) a bare NumPy loop doing the same arithmetic (shuffle, forward, softmax,
+      loss, backward, SGD update), written the plain way,
+  (c) scikit-learn's MLPClassifier (``partial_fit`` = one epoch, same settings),
+  (d) PyTorch on the CPU, when installed,
+and the matrix-multiply-bound limit: one epoch's worth of the same GEMMs alone
+(forward, weight gradients, input gradients; outputs preallocated).
+
+Random walk: digits (1,437 training samples), layers 64-32-10, full batch:
+candidate evaluations per second of the engine (``candidates`` K per
+iteration, everything an iteration does: noise, proposals, batched forward,
+loss, acceptance) against the limit of the same forward passes' GEMMs alone,
+done one pass at a time (``X @ W0``, ``H @ W1`` into preallocated outputs).
+A stricter limit, the engine's own batched GEMM calls alone, is printed too.
+
+Times are process CPU seconds (``time.process_time``; one thread, so this is
+the compute time, and time spent waiting for a core on a shared machine is not
+counted), best of several rounds, the contenders interleaved round by round.
+The last line of output is a JSON object with the headline ratios.
+
+    python bench/train_speed.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"  # before NumPy is imported
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import Dataset, Trainer, TrainConfig, load_dataset  # noqa: E402
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - threadpoolctl is a test dependency
+    threadpool_limits = None
+
+HIDDEN = (256, 128)
+BATCH = 64
+LR = 0.01
+
+
+def best_of(rounds: int, contenders: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """Best CPU time of each contender over ``rounds``, interleaved round by round."""
+    best = dict.fromkeys(contenders, float("inf"))
+    for _ in range(rounds):
+        for name, run in contenders.items():
+            t0 = time.process_time()
+            run()
+            best[name] = min(best[name], time.process_time() - t0)
+    return best
+
+
+# -- backprop ------------------------------------------------------------------------------------
+
+
+def digits_x4() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = np.tile(X, (4, 1))
+    y = np.tile(y, 4)
+    scale = X.std(axis=0)
+    scale[scale == 0] = 1
+    return ((X - X.mean(axis=0)) / scale).astype(np.float32), y.astype(np.int64)
+
+
+def engine_epoch(X: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+    data = Dataset(X_train=X, y_train=y, X_val=X[:500], y_val=y[:500], task="multiclass",
+                   n_classes=10, name="digits")
+    config = TrainConfig(dataset="digits", optimizer="backprop", hidden=HIDDEN, batch_size=BATCH,
+                         learning_rate=LR, dtype="float32", max_steps=10**6, log_every=10**6)
+    steps = Trainer(config, data).steps()
+    return lambda: next(steps)
+
+
+def bare_epoch(X: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+    """The same epoch as plain NumPy: shuffle, forward, softmax + loss, backward, update."""
+    rng = np.random.default_rng(0)
+    sizes = [X.shape[1], *HIDDEN, 10]
+    W = [(rng.standard_normal((a, b)) * np.sqrt(2 / a)).astype(np.float32)
+         for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    b = [np.zeros(n, np.float32) for n in sizes[1:]]
+    Y = np.eye(10, dtype=np.float32)[y]
+
+    def epoch() -> None:
+        order = rng.permutation(len(X))
+        Xs, Ys = X[order], Y[order]
+        for start in range(0, len(X), BATCH):
+            xb, yb = Xs[start : start + BATCH], Ys[start : start + BATCH]
+            m = len(xb)
+            h1 = np.maximum(xb @ W[0] + b[0], 0)
+            h2 = np.maximum(h1 @ W[1] + b[1], 0)
+            z = h2 @ W[2] + b[2]
+            z -= z.max(axis=1, keepdims=True)
+            p = np.exp(z)
+            p /= p.sum(axis=1, keepdims=True)
+            loss = -np.log(np.clip((p * yb).sum(axis=1), 1e-7, 1)).mean()  # noqa: F841
+            d2 = (p - yb) / m
+            d1 = (d2 @ W[2].T) * (h2 > 0)
+            d0 = (d1 @ W[1].T) * (h1 > 0)
+            grads = [(xb.T @ d0, d0.sum(0)), (h1.T @ d1, d1.sum(0)), (h2.T @ d2, d2.sum(0))]
+            for i, (gW, gb) in enumerate(grads):
+                W[i] -= LR * gW
+                b[i] -= LR * gb
+
+    return epoch
+
+
+def sklearn_epoch(X: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(hidden_layer_sizes=HIDDEN, solver="sgd", batch_size=BATCH,
+                        learning_rate_init=LR, momentum=0.0, alpha=0.0, shuffle=True,
+                        random_state=0)
+    warnings.simplefilter("ignore")
+    clf.partial_fit(X, y, classes=np.arange(10))  # allocate; later calls are one epoch each
+    return lambda: clf.partial_fit(X, y)
+
+
+def torch_epoch(X: np.ndarray, y: np.ndarray) -> Callable[[], None] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, HIDDEN[0]), torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN[0], HIDDEN[1]), torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN[1], 10),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+
+    def epoch() -> None:
+        order = torch.randperm(len(Xt))
+        for start in range(0, len(Xt), BATCH):
+            idx = order[start : start + BATCH]
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(Xt[idx]), yt[idx])
+            loss.backward()
+            optimizer.step()
+
+    return epoch
+
+
+def gemm_epoch(X: np.ndarray) -> Callable[[], None]:
+    """One epoch's GEMMs alone: 3 forward, 3 weight-gradient, 2 input-gradient per batch."""
+    rng = np.random.default_rng(0)
+    sizes = [X.shape[1], *HIDDEN, 10]
+    W = [rng.standard_normal((a, b)).astype(np.float32)
+         for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    gW = [np.empty_like(w) for w in W]
+    acts = [np.empty((BATCH, s), np.float32) for s in sizes[1:]]
+    deltas = [np.empty((BATCH, s), np.float32) for s in sizes[1:-1]]
+
+    def epoch() -> None:
+        for start in range(0, len(X), BATCH):
+            xb = X[start : start + BATCH]
+            m = len(xb)
+            a = [xb] + [t[:m] for t in acts]
+            d = [t[:m] for t in deltas]
+            for i in range(3):
+                np.matmul(a[i], W[i], out=a[i + 1])
+            np.matmul(a[2].T, a[3], out=gW[2])
+            np.matmul(a[3], W[2].T, out=d[1])
+            np.matmul(a[1].T, d[1], out=gW[1])
+            np.matmul(d[1], W[1].T, out=d[0])
+            np.matmul(a[0].T, d[0], out=gW[0])
+
+    return epoch
+
+
+def bench_backprop(rounds: int) -> dict[str, float | None]:
+    X, y = digits_x4()
+    contenders = {
+        "engine": engine_epoch(X, y),
+        "bare NumPy loop": bare_epoch(X, y),
+        "scikit-learn MLPClassifier": sklearn_epoch(X, y),
+        "GEMMs alone (limit)": gemm_epoch(X),
+    }
+    torch_run = torch_epoch(X, y)
+    if torch_run is not None:
+        contenders["PyTorch (CPU)"] = torch_run
+    times = best_of(rounds, contenders)
+    ours = times["engine"]
+    print(f"\nBackprop: one epoch, digits x4 ({len(X)} samples), 64-256-128-10 ReLU, "
+          f"batch {BATCH}, float32, 1 thread (best of {rounds})")
+    print(f"  {'':30s} {'seconds':>9s} {'engine / this':>14s}")
+    for name, seconds in times.items():
+        print(f"  {name:30s} {seconds:9.4f} {ours / seconds:14.2f}")
+    if torch_run is None:
+        print("  PyTorch: not installed, skipped")
+    return {
+        "backprop_epoch_seconds": ours,
+        "backprop_vs_bare_loop": ours / times["bare NumPy loop"],
+        "speedup_vs_sklearn": times["scikit-learn MLPClassifier"] / ours,
+        "backprop_vs_gemm_limit": ours / times["GEMMs alone (limit)"],
+        "speedup_vs_torch": times["PyTorch (CPU)"] / ours if torch_run else None,
+    }
+
+
+# -- random walk ---------------------------------------------------------------------------------
+
+
+def rw_rates(dtype: str, K: int, iterations: int, rounds: int) -> dict[str, float]:
+    """Candidate evaluations per second: engine, per-pass GEMM limit, batched GEMM limit."""
+    data = load_dataset("digits", seed=0, dtype=dtype)
+    X = data.X_train
+    n = len(X)
+    config = TrainConfig(dataset="digits", optimizer="random_walk", hidden=(32,), dtype=dtype,
+                         candidates=K, max_steps=10**7, log_every=10**7)
+    trainer = Trainer(config, data)
+    steps = trainer.steps()
+    for _ in range(20):  # leave the initial point
+        next(steps)
+
+    def engine() -> None:
+        for _ in range(iterations):
+            next(steps)
+
+    rng = np.random.default_rng(0)
+    W0 = rng.standard_normal((64, 32)).astype(dtype)
+    W1 = rng.standard_normal((32, 10)).astype(dtype)
+    H, O = np.empty((n, 32), dtype), np.empty((n, 10), dtype)
+
+    def per_pass() -> None:
+        for _ in range(iterations * K):
+            np.matmul(X, W0, out=H)
+            np.matmul(H, W1, out=O)
+
+    cands = trainer.optimizer._cands  # the engine's own buffers and GEMM calls
+    b0, b1, o0, o1 = cands.blocks[0], cands.blocks[1], cands.outs[0], cands.outs[1]
+
+    def batched() -> None:
+        for _ in range(iterations):
+            np.matmul(b0.reshape(K * 32, -1), cands.XT, out=o0.reshape(K * 32, n))
+            np.matmul(b1[:, :, :-1], o0, out=o1)
+
+    times = best_of(rounds, {"engine": engine, "per_pass": per_pass, "batched": batched})
+    evaluations = iterations * K
+    return {name: evaluations / seconds for name, seconds in times.items()}
+
+
+def bench_random_walk(rounds: int, iterations: int) -> dict[str, float]:
+    print(f"\nRandom walk: digits (1437 training samples), 64-32-10 ReLU, full batch, 1 thread "
+          f"(best of {rounds})")
+    print(f"  {'dtype':8s} {'K':>4s} {'engine eval/s':>14s} {'GEMM limit':>11s} "
+          f"{'fraction':>9s} {'batched GEMMs':>14s} {'fraction':>9s}")
+    out: dict[str, float] = {}
+    for dtype in ("float32", "float64"):
+        for K in (1, 16, 64):
+            rates = rw_rates(dtype, K, max(2, iterations // K), rounds)
+            fraction = rates["engine"] / rates["per_pass"]
+            strict = rates["engine"] / rates["batched"]
+            print(f"  {dtype:8s} {K:4d} {rates['engine']:14.0f} {rates['per_pass']:11.0f} "
+                  f"{fraction:9.2f} {rates['batched']:14.0f} {strict:9.2f}")
+            out[f"rw_fraction_of_limit_{dtype}_K{K}"] = fraction
+            out[f"rw_fraction_of_batched_gemms_{dtype}_K{K}"] = strict
+    print("  fraction = engine / (the same forward passes' GEMMs alone, one pass at a time);")
+    print("  the second fraction compares with the engine's own batched GEMM calls alone.")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds; about half a minute")
+    args = parser.parse_args()
+    if threadpool_limits is not None:
+        threadpool_limits(1)
+    rounds = 3 if args.quick else 7
+    print(f"NumPy {np.__version__}; BLAS threads limited to 1; "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')!r} "
+          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')!r}")
+    result = bench_backprop(rounds)
+    rw = bench_random_walk(rounds, iterations=64 if args.quick else 256)
+    result.update(rw)
+    result["rw_fraction_of_limit"] = rw["rw_fraction_of_limit_float32_K64"]
+    result["rw_fraction_of_limit_float64"] = rw["rw_fraction_of_limit_float64_K64"]
+    result["quick"] = args.quick
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
