@@ -51,6 +51,9 @@ OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
 #: The budget key of each optimizer; both become the engine's ``max_steps``.
 BUDGET_KEY: dict[str, str] = {"backprop": "epochs", "random_walk": "iterations"}
 DISTRIBUTIONS: tuple[str, ...] = ("uniform", "loguniform", "choice")
+#: Bounds that keep a typo (seeds: 1e9) from filling memory before the run count is checked.
+MAX_SEEDS = 100_000
+MAX_SAMPLES = 1_000_000
 
 
 class PathError(ValueError):
@@ -299,7 +302,8 @@ def error_line(err: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str]:
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
         bound = next(iter(ctx.values()))
-        return loc, f"must be {op} {bound}, got {got}"
+        shown = f"{bound:g}" if isinstance(bound, int | float) else str(bound)
+        return loc, f"must be {op} {shown}, got {got}"
     simple = {
         "string_type": "expected a string",
         "int_type": "expected an integer",
@@ -417,6 +421,8 @@ def _parse_seeds(value: Any) -> tuple[int, ...]:
     count = _int(value)
     if count < 1:
         raise ValueError(f"expected a count >= 1 (seeds 0..count-1) or a list, got {count}")
+    if count > MAX_SEEDS:
+        raise ValueError(f"at most {MAX_SEEDS:,} seeds, got {count:,}")
     return tuple(range(count))
 
 
@@ -467,7 +473,7 @@ class _Block(_Strict):
     time_limit: float | None = Field(None, gt=0)
     zip: ZipGroups = []
     exclude: ExcludeRules = []
-    samples: int | None = Field(None, ge=1)
+    samples: int | None = Field(None, ge=1, le=MAX_SAMPLES)
 
 
 class BackpropBlock(_Block):
@@ -521,5 +527,6 @@ class GridSpec(_Strict):
     budget: BudgetSection = BudgetSection()
     zip: ZipGroups = []
     exclude: ExcludeRules = []
-    samples: int | None = Field(None, ge=1)  # draws of the random axes, each crossed with the grid
+    # Draws of the random axes, each crossed with the grid's lists.
+    samples: int | None = Field(None, ge=1, le=MAX_SAMPLES)
     sampler_seed: int = 0  # seeds the draws, so a random search is reproducible

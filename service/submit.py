@@ -134,7 +134,7 @@ def publish_runs(
     *,
     engine: Engine | None = None,
     progress: Progress | None = None,
-    batch_size: int = PUBLISH_BATCH,
+    batch_size: int | None = None,
 ) -> int:
     """Publish one ``TRAIN_TASK`` message per run (args ``[run_id]``) and mark them published.
 
@@ -151,6 +151,7 @@ def publish_runs(
     if not ids:
         return 0
     engine = engine or get_engine()
+    batch_size = batch_size or PUBLISH_BATCH
     amqp = app.amqp
     create = amqp.create_task_message
     send = amqp.send_task_message
