@@ -30,6 +30,7 @@ _LABELS: dict[str, str] = {
 DEFAULT_RANKING: tuple[str, ...] = ("best_val_accuracy", "best_val_r2", "best_val_loss")
 # Hyperparameter columns, shown when they differ between the runs listed.
 _PARAMS: tuple[str, ...] = (
+    "dataset",
     "optimizer",
     "hidden",
     "activation",

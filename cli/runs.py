@@ -224,7 +224,6 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
         MofNCompleteColumn,
         Progress,
         TextColumn,
-        TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
@@ -242,15 +241,13 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
     done_at_start = sum(first[s] for s in FINISHED)
     start = time.monotonic()
     progress = Progress(
-        TextColumn("training"),
-        BarColumn(),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=err_console,
-        disable=not err_console.is_terminal and "MLPQ_PROGRESS" not in os.environ,
+        disable=not err_console.is_terminal,
     )
     with progress:
         task = progress.add_task("runs", total=total, completed=done_at_start, detail="")
@@ -258,14 +255,13 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
         while True:
             done = sum(current[s] for s in FINISHED)
             rate = (done - done_at_start) / max(time.monotonic() - start, 1e-9)
-            detail = " · ".join(
-                [
-                    f"{current[RunStatus.running]} running",
-                    f"[red]{current[RunStatus.failed]} failed[/red]",
-                    f"{current[RunStatus.diverged]} diverged",
-                    f"{rate:.1f} runs/s",
-                ]
-            )
+            parts = [f"{current[RunStatus.running]} running"]
+            if current[RunStatus.failed]:
+                parts.append(f"[red]{current[RunStatus.failed]} failed[/red]")
+            if current[RunStatus.diverged]:
+                parts.append(f"[yellow]{current[RunStatus.diverged]} diverged[/yellow]")
+            parts.append(f"{rate:.1f} runs/s")
+            detail = ", ".join(parts)
             progress.update(task, completed=done, total=sum(current.values()), detail=detail)
             if done == sum(current.values()):
                 break
