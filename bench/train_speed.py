@@ -247,12 +247,16 @@ def rw_rates(dtype: str, K: int, iterations: int, rounds: int) -> dict[str, floa
             np.matmul(H, W1, out=O)
 
     cands = trainer.optimizer._cands  # the engine's own buffers and GEMM calls
-    b0, b1, o0, o1 = cands.blocks[0], cands.blocks[1], cands.outs[0], cands.outs[1]
+    b0, b1, hidden, Z, c = cands.blocks[0], cands.blocks[1], cands.hidden[0], cands.Z, cands.chunk
 
     def batched() -> None:
         for _ in range(iterations):
-            np.matmul(b0.reshape(K * 32, -1), cands.XT, out=o0.reshape(K * 32, n))
-            np.matmul(b1[:, :, :-1], o0, out=o1)
+            for s in range(0, K, c):
+                e = min(s + c, K)
+                h = hidden[: e - s]
+                np.matmul(b0[s:e].reshape((e - s) * 33, -1), cands.XT,
+                          out=h.reshape((e - s) * 33, n))
+                np.matmul(b1[s:e], h, out=Z[s:e])
 
     times = best_of(rounds, {"engine": engine, "per_pass": per_pass, "batched": batched})
     evaluations = iterations * K

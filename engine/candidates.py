@@ -4,10 +4,13 @@ Only this module knows the layout, chosen for speed:
 
 - Layer ``i`` of candidate ``k`` is stored transposed with its bias as an
   extra column, ``A_i[k] = [W_i; b_i]^T`` of shape ``(fan_out, fan_in + 1)``,
-  and the ``K`` blocks of a layer are contiguous. With a row of ones under
-  ``X^T``, the first layer of ALL candidates, biases included, is one matrix
-  product ``(K fan_out, fan_in + 1) @ (fan_in + 1, n)``. Deeper layers are one
-  batched ``np.matmul`` over the ``(K, ...)`` stack plus a bias add.
+  and the ``K`` blocks of a layer are contiguous. Inputs carry a row of ones
+  (``[X^T; 1]``), so a product includes the bias. Hidden layers get one more
+  row, ``[0 ... 0 1]``, which makes the row of ones of the next layer's input
+  come out of the product itself. So the first layer of a whole chunk of
+  candidates is ONE matrix product ``(c (fan_out + 1), fan_in + 1) @
+  (fan_in + 1, n)`` and deeper layers are one batched ``np.matmul``; no
+  separate bias pass anywhere.
 - Activations are feature-major, ``(K, units, n)``, so the loss reduces over
   the few output units as whole rows of ``n`` samples.
 - The loss is computed from the logits, with the conventions of
@@ -23,6 +26,9 @@ import numpy as np
 
 from engine.functions import EXP_FLOOR, OUTPUT_ACTIVATIONS
 from engine.network import Network
+
+#: Bytes of one chunk's widest hidden activations (an L2 cache's worth).
+CHUNK_BYTES = 2 << 20
 
 
 class Candidates:
@@ -49,24 +55,39 @@ class Candidates:
         # One flat buffer (of even length, for the normal pairs): all the noise of an iteration.
         self.flat = np.empty(K * net.n_params + (K * net.n_params) % 2, dtype=dt)
         self._normal = NormalSource(self.flat.size, dt)
-        self.blocks: list[np.ndarray] = []
+        self._noise: list[np.ndarray] = []
         offset = 0
         for rows, cols in shapes:
-            self.blocks.append(self.flat[offset : offset + K * rows * cols].reshape(K, rows, cols))
+            self._noise.append(self.flat[offset : offset + K * rows * cols].reshape(K, rows, cols))
             offset += K * rows * cols
         self._base = [np.empty(shape, dtype=dt) for shape in shapes]
+        # the candidates' blocks; hidden layers have the extra row [0 ... 0 1]
+        last = len(shapes) - 1
+        self.blocks = []
+        for i, (rows, cols) in enumerate(shapes):
+            block = np.zeros((K, rows + (i < last), cols), dtype=dt)
+            if i < last:
+                block[:, rows, -1] = 1
+            self.blocks.append(block)
         self.XT = np.ones((X.shape[1] + 1, n), dtype=dt)  # [X^T; 1]
         self.XT[:-1] = X.T
-        self.outs = [np.empty((K, u, n), dtype=dt) for u in units[1:]]  # layer outputs
+        # Candidates go through the layers a chunk at a time, so that a chunk's
+        # activations stay in the CPU's L2 cache between the matmul, the activation
+        # function, the next matmul and the loss (about 10% faster than all at once).
+        widest = max(units[1:-1], default=units[-1])
+        self.chunk = max(1, min(K, CHUNK_BYTES // (widest * n * dt.itemsize)))
+        self.hidden = [np.empty((self.chunk, u + 1, n), dtype=dt) for u in units[1:-1]]
+        self._ones_kept = self.net.activation in ("relu", "leaky_relu", "identity")  # f(1) == 1
+        self.Z = np.empty((K, units[-1], n), dtype=dt)  # every candidate's logits
         self.task = net.task
         eps = float(np.finfo(dt).eps)
         self.clip = (-math.log1p(-eps), -math.log(eps))  # losses at p = 1 - eps and p = eps
         self.exp_floor = EXP_FLOOR[dt]
-        self._per_sample = np.empty((K, n), dtype=dt)
+        self._per_sample = np.empty((self.chunk, n), dtype=dt)
         if self.task == "multiclass":
             self._true_index = y.astype(np.intp) * n + np.arange(n)  # into a (C n) row
-            self._true = np.empty((K, n), dtype=dt)
-            self._exp = np.empty((K, units[-1], n), dtype=dt)
+            self._true = np.empty((self.chunk, n), dtype=dt)
+            self._exp = np.empty((self.chunk, units[-1], n), dtype=dt)
         elif self.task == "binary":
             self._sign = 1 - 2 * y.astype(dt)  # softplus(sign * z) is the loss
         else:
@@ -82,45 +103,56 @@ class Candidates:
         """Make the K candidates ``theta + sigma * eps``, ``eps ~ N(0, I)`` drawn from ``rng``."""
         self._normal.fill(rng, self.flat, sigma)
         self._set_base(theta)
-        for block, base in zip(self.blocks, self._base, strict=True):
-            block += base
+        for block, noise, base in zip(self.blocks, self._noise, self._base, strict=True):
+            np.add(noise, base, out=block[:, : base.shape[0]])
 
     def set_first(self, theta: np.ndarray) -> None:
         """Make candidate 0 exactly ``theta`` (to score a single point with ``losses(1)``)."""
         self._set_base(theta)
         for block, base in zip(self.blocks, self._base, strict=True):
-            block[0] = base
+            block[0, : base.shape[0]] = base
 
     def take(self, k: int, theta: np.ndarray) -> None:
         """Copy candidate ``k`` into ``theta`` (the network's canonical layout)."""
         Ws, bs = self.net.unpack(theta)
         for block, W, b in zip(self.blocks, Ws, bs, strict=True):
-            W[...] = block[k, :, :-1].T
-            b[...] = block[k, :, -1]
+            rows = W.shape[1]
+            W[...] = block[k, :rows, :-1].T
+            b[...] = block[k, :rows, -1]
 
     def logits(self, k: int) -> np.ndarray:
         """Output pre-activation of candidate ``k`` from the last ``losses``: (n_outputs, n)."""
-        return self.outs[-1][k]
+        return self.Z[k]
 
     def losses(self, m: int | None = None) -> np.ndarray:
         """Full-batch training loss of the first ``m`` (default all) candidates, shape (m,)."""
         m = self.K if m is None else m
-        n = self.n
+        out = np.empty(m, dtype=np.float64)
+        for start in range(0, m, self.chunk):
+            stop = min(start + self.chunk, m)
+            out[start:stop] = self._loss(self._forward(start, stop))
+        return out
+
+    def _forward(self, start: int, stop: int) -> np.ndarray:
+        """Logits of candidates ``start:stop`` (into ``self.Z``)."""
+        c, n = stop - start, self.n
         act = self.net.hidden_activation
         last = len(self.blocks) - 1
         a = self.XT
-        for i, (block, out) in enumerate(zip(self.blocks, self.outs, strict=True)):
-            block, out = block[:m], out[:m]
-            if i == 0:
+        for i, block in enumerate(self.blocks):
+            block = block[start:stop]
+            out = self.hidden[i][:c] if i < last else self.Z[start:stop]
+            if i == 0:  # the first layer of the whole chunk in one product
                 rows = block.shape[1]
-                np.matmul(block.reshape(m * rows, -1), a, out=out.reshape(m * rows, n))
+                np.matmul(block.reshape(c * rows, -1), a, out=out.reshape(c * rows, n))
             else:
-                np.matmul(block[:, :, :-1], a, out=out)
-                out += block[:, :, -1:]
+                np.matmul(block, a, out=out)
             if i < last:
                 act(out)
+                if not self._ones_kept:
+                    out[:, -1, :] = 1
             a = out
-        return self._loss(a)
+        return a
 
     def _loss(self, Z: np.ndarray) -> np.ndarray:
         m = Z.shape[0]

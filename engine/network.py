@@ -228,6 +228,7 @@ class Backprop(Forward):
         self.gWs, self.gbs = net.unpack(grad)
         self.grad = grad
         self._deltas = [np.empty((capacity, u), dtype=net.dtype) for u in net.units[1:-1]]
+        self._ones = np.ones(capacity, dtype=net.dtype)
         self._delta_views: dict[int, list[np.ndarray]] = {}
 
     def deltas(self, m: int) -> list[np.ndarray]:
@@ -244,7 +245,7 @@ class Backprop(Forward):
         return 0.5 * self.alpha * sum(float(np.dot(W.ravel(), W.ravel())) for W in self.Ws) / n
 
     def backprop(
-        self, X: np.ndarray, Y: np.ndarray, forward_done: float | None = None
+        self, X: np.ndarray, Y: np.ndarray, forward_done: float | None = None, scale: float = 1.0
     ) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
         """Loss and gradients of the mean loss (+ L2 term) on a batch.
 
@@ -257,13 +258,16 @@ class Backprop(Forward):
             The mean loss of the last ``forward`` on this very ``X`` with the
             current parameters, after which the output activation was applied
             to its buffer in place: the pass is reused instead of recomputed.
+        scale : float
+            Return ``scale`` times the gradients (an optimizer passes its
+            learning rate, which saves a pass over the parameters).
 
         Returns
         -------
         loss : float
             Mean loss plus the L2 term, before the update.
-        weight_grads : list of ndarray, ``dE/dW_i`` (views into ``grad``)
-        bias_grads : list of ndarray, ``dE/db_i`` (views into ``grad``)
+        weight_grads : list of ndarray, ``scale * dE/dW_i`` (views into ``grad``)
+        bias_grads : list of ndarray, ``scale * dE/db_i`` (views into ``grad``)
         """
         net = self.net
         m = X.shape[0]
@@ -280,19 +284,21 @@ class Backprop(Forward):
         if alpha:
             loss += self.l2_term(m)
         # Softmax/CE, sigmoid/BCE and identity/squared error are canonical pairs:
-        # dE/dz at the output is P - Y (the 1/m comes at the end, as in scikit-learn).
+        # dE/dz at the output is (P - Y) / m. The factor scale / m goes in here, on
+        # m x n_outputs values, instead of on every gradient entry at the end.
         delta = P
         delta -= Y
+        delta *= scale / m
+        ones = self._ones[:m]
         for i in range(net.n_layers - 1, -1, -1):
             a_prev = acts[i - 1] if i else X
             np.matmul(a_prev.T, delta, out=gWs[i])
             if alpha:
-                gWs[i] += alpha * Ws[i]
-            np.sum(delta, axis=0, out=gbs[i])
+                gWs[i] += (alpha * scale / m) * Ws[i]
+            np.matmul(ones, delta, out=gbs[i])  # column sums, as one BLAS call
             if i:
                 d = deltas[i - 1]
                 np.matmul(delta, Ws[i].T, out=d)
                 net.derivative(a_prev, d)
                 delta = d
-        self.grad /= m
         return loss, gWs, gbs

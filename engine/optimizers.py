@@ -107,7 +107,7 @@ class BackpropOptimizer(Optimizer):
     full-batch mode, where order cannot matter) and walks it in batches of
     ``batch_size``; every batch does ``v = momentum v - lr g; theta += v``
     (``theta -= lr g`` without momentum), where ``g`` includes the L2 term
-    ``weight_decay * W / m``. The learning rate of epoch ``t`` is
+    ``weight_decay * W / m`` (``lr g`` comes straight out of the backward pass). The learning rate of epoch ``t`` is
     ``learning_rate / (1 + lr_decay t)``. A non-finite batch loss or parameter
     stops the epoch and restores the parameters from its start.
     """
@@ -167,19 +167,17 @@ class BackpropOptimizer(Optimizer):
         last = len(batches) - 1
         loss, grad_norm = 0.0, None
         for i, (xb, yb) in enumerate(batches):
-            loss = backprop(xb, yb, reuse)[0]
+            loss = backprop(xb, yb, reuse, lr)[0]  # grad = lr * dE/dtheta
             reuse = None
             if not math.isfinite(loss):
                 break
             if i == last:
-                grad_norm = float(np.sqrt(np.dot(grad, grad)))
+                grad_norm = float(np.sqrt(np.dot(grad, grad))) / lr
             # scikit-learn's SGD update: v = momentum v - lr g; theta += v
             if velocity is None:
-                grad *= lr
                 theta -= grad
             else:
                 velocity *= momentum
-                grad *= lr
                 velocity -= grad
                 theta += velocity
         if not math.isfinite(loss) or not np.isfinite(theta).all():
