@@ -346,12 +346,15 @@ def finish_run(
     summary: dict[str, Any] | None = None,
     stop_reason: str | None = None,
     error: str | None = None,
+    has_artifacts: bool = True,
     now: datetime | None = None,
 ) -> bool:
     """Write a run's outcome in one transaction: status, summary, last metrics, weights.
 
     Returns False (and writes nothing) when this worker no longer owns the run.
-    The checkpoint goes: a finished run is never resumed.
+    The checkpoint goes: a finished run is never resumed. ``has_artifacts=False``
+    (a first attempt that saved no checkpoint: every reset deletes a run's
+    artifacts) skips that DELETE, a round trip of a tiny run's few.
     """
     from service.ingest import npz_shapes, write_metrics
 
@@ -371,7 +374,8 @@ def finish_run(
         return False
     if records:
         write_metrics(session, run_id, records)
-    session.execute(_DROP_ARTIFACTS, {"b_id": run_id})
+    if has_artifacts:
+        session.execute(_DROP_ARTIFACTS, {"b_id": run_id})
     if weights is not None:
         session.execute(
             _INSERT_WEIGHTS,

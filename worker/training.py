@@ -82,6 +82,8 @@ class _ClaimedRun:
         self.settings = settings
         self.conn = conn
         self.buffer: list[dict[str, Any]] = []
+        # Whether the run may have artifacts to replace: a checkpoint of this or an earlier attempt.
+        self.has_artifacts = claim.attempt > 1
 
     def train(self) -> Outcome:
         claim, settings = self.claim, self.settings
@@ -144,6 +146,7 @@ class _ClaimedRun:
                 weights=result.weights,
                 summary=result.summary,
                 stop_reason=stop_reason,
+                has_artifacts=self.has_artifacts,
             )
         if not owned:
             log.warning("run %d: finished but no longer ours; result discarded", claim.run_id)
@@ -168,6 +171,7 @@ class _ClaimedRun:
                         records=records,
                         stop_reason="error",
                         error=error,
+                        has_artifacts=self.has_artifacts,
                     )
                 return Outcome(claim.run_id, "failed" if owned else "lost", error.splitlines()[-1])
             except Exception:
@@ -202,6 +206,7 @@ class _ClaimedRun:
             )
         if beat is not Beat.lost:
             self.buffer = []
+            self.has_artifacts = self.has_artifacts or checkpoint is not None
         return beat
 
 
