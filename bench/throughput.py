@@ -7,8 +7,10 @@ command line) on Redis, into PostgreSQL. The reference, measured in the same
 invocation with the same worker command and broker: the same number of no-op
 tasks (``mlpq.ping``). Each figure is the time from the first publish to the
 last message done (every run finished in SQL; the Redis queue and its unacked
-set empty for the no-ops), workers already up, averaged over nothing: one pass
-each, reference first.
+set empty for the no-ops), workers already up; one pass each, reference first.
+A second reference bounds what any queue and store could reach: the engine
+alone (dataset, 20 steps, result) on a sample of the same configs in this
+process, times the number of worker processes.
 
 Redis is a ``redis-server`` of the benchmark's own on a free port (no
 persistence), PostgreSQL a schema of its own in ``MLPQ_BENCH_PG_URL``; both are
@@ -176,6 +178,28 @@ def publish_pings(app, n: int) -> None:
                 amqp.send_task_message(producer, PING_TASK, message, queue=QUEUE, retry=False)
 
 
+def engine_seconds_per_run(configs: list[dict], sample: int) -> float:
+    """Mean seconds the engine alone spends on one of ``configs`` (load, train, result)."""
+    from threadpoolctl import threadpool_limits
+
+    from engine import TrainConfig, Trainer, load_dataset
+
+    picked = configs[:: max(1, len(configs) // sample)][:sample]
+    # One BLAS thread, as in every worker process.
+    with threadpool_limits(limits=1):
+        start = time.perf_counter()
+        for raw in picked:
+            cfg = TrainConfig.from_dict(raw)
+            data = load_dataset(
+                cfg.dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, dtype=cfg.dtype
+            )
+            trainer = Trainer(cfg, data)
+            records = [r for r in trainer.steps() if r is not None]
+            trainer.result()
+            assert len(records) == cfg.max_steps
+    return (time.perf_counter() - start) / len(picked)
+
+
 def finished(engine: Engine) -> int:
     with engine.connect() as conn:
         return conn.execute(
@@ -218,6 +242,9 @@ def main() -> None:
         grid_file.write_text(GRID.format(seeds=runs // 2))
         grid = load_grid(grid_file, max_runs=runs, yes=True)
         assert len(grid.runs) == runs, len(grid.runs)
+
+        # The engine alone on the same configs, in this process: what no queue or store could beat.
+        engine_s = engine_seconds_per_run([r.config for r in grid.runs], sample=200)
 
         workers = Workers(env, args.concurrency, tmp / "worker.log")
         workers.wait_ready(app)
@@ -293,7 +320,15 @@ def main() -> None:
         f"storing and publishing {report.published} runs)"
     )
     print(f"no-op task: {runs} in {noop_s:.2f}s = {noop_per_s:.1f} tasks/s (same worker, broker)")
-    print(f"ratio: {fraction:.2f} of the no-op rate (target >= 0.4)")
+    engine_bound = args.concurrency / engine_s
+    print(
+        f"engine only: {engine_s * 1000:.2f} ms per run in one process "
+        f"= at most {engine_bound:.1f} runs/s on {args.concurrency} processes"
+    )
+    print(
+        f"ratio: {fraction:.2f} of the no-op rate (target >= 0.4); "
+        f"{runs_per_s / engine_bound:.2f} of the engine-only bound"
+    )
     print(
         json.dumps(
             {
@@ -302,6 +337,8 @@ def main() -> None:
                 "runs_per_s": round(runs_per_s, 1),
                 "noop_per_s": round(noop_per_s, 1),
                 "fraction_of_noop": round(fraction, 3),
+                "engine_only_per_s": round(engine_bound, 1),
+                "fraction_of_engine_only": round(runs_per_s / engine_bound, 3),
             }
         )
     )
