@@ -227,8 +227,47 @@ def squared_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
     return 0.5 * R.sum(axis=-1).mean(axis=-1)
 
 
+def softmax_log_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """``log_loss(Y, Z)``, and ``Z`` turned into ``softmax(Z)`` in place, sharing the work.
+
+    ``-log softmax_y(z) = log sum_c exp(z_c - m) + m - z_y`` with ``m`` the row
+    max, which softmax computes anyway.
+    """
+    z_true = (Z * Y).sum(axis=-1)
+    shift = Z.max(axis=-1, keepdims=True)
+    Z -= shift
+    np.maximum(Z, EXP_FLOOR[Z.dtype], out=Z)
+    np.exp(Z, out=Z)
+    total = Z.sum(axis=-1, keepdims=True)
+    Z /= total
+    per_sample = np.log(total[..., 0])
+    per_sample += shift[..., 0]
+    per_sample -= z_true
+    np.clip(per_sample, *_loss_clip(Z.dtype), out=per_sample)
+    return per_sample.mean(axis=-1)
+
+
+def _then_activate(task: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    loss, activate = LOSS_FUNCTIONS[task], OUTPUT_ACTIVATIONS[task]
+
+    def loss_and_activate(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
+        value = loss(Y, Z)
+        activate(Z)
+        return value
+
+    return loss_and_activate
+
+
 LOSS_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "multiclass": log_loss,
     "binary": binary_log_loss,
     "regression": squared_loss,
+}
+
+#: ``LOSS_FUNCTIONS[task](Y, Z)`` that also applies ``OUTPUT_ACTIVATIONS[task]`` to
+#: ``Z`` in place (the backward pass needs both; multiclass shares the softmax's work).
+LOSS_AND_OUTPUT: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "multiclass": softmax_log_loss,
+    "binary": _then_activate("binary"),
+    "regression": _then_activate("regression"),
 }

@@ -18,7 +18,13 @@ import math
 
 import numpy as np
 
-from engine.functions import ACTIVATIONS, DERIVATIVES, LOSS_FUNCTIONS, OUTPUT_ACTIVATIONS
+from engine.functions import (
+    ACTIVATIONS,
+    DERIVATIVES,
+    LOSS_AND_OUTPUT,
+    LOSS_FUNCTIONS,
+    OUTPUT_ACTIVATIONS,
+)
 
 #: Initialization chosen by "auto" for each activation.
 AUTO_INIT = {
@@ -56,6 +62,7 @@ class Network:
         self.derivative = DERIVATIVES[activation]
         self.output_activation = OUTPUT_ACTIVATIONS[task]
         self.loss_function = LOSS_FUNCTIONS[task]
+        self.loss_and_output = LOSS_AND_OUTPUT[task]
         # (start, stop) of W_i and of b_i in theta
         self.w_spans: list[tuple[int, int]] = []
         self.b_spans: list[tuple[int, int]] = []
@@ -276,8 +283,7 @@ class Backprop(Forward):
         Ws, gWs, gbs = self.Ws, self.gWs, self.gbs
         if forward_done is None:
             P = net.forward(Ws, self.bs, X, acts)
-            loss = float(net.loss_function(Y, P))
-            net.output_activation(P)
+            loss = float(net.loss_and_output(Y, P))
         else:
             P, loss = acts[-1], forward_done
         alpha = self.alpha

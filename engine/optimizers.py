@@ -143,8 +143,7 @@ class BackpropOptimizer(Optimizer):
     def train_eval(self) -> tuple[float, np.ndarray]:
         if self._evaluated is None:
             P = self._eval.forward(self.X)
-            data_loss = float(self.net.loss_function(self.Y, P))
-            self.net.output_activation(P)
+            data_loss = float(self.net.loss_and_output(self.Y, P))
             self._evaluated = (data_loss, data_loss + self._bp.l2_term(self.X.shape[0]), P)
         return self._evaluated[1:]
 

@@ -221,3 +221,21 @@ def test_float32_and_float64_start_from_the_same_point() -> None:
     t32 = Network(*args, np.float32).init_params(np.random.default_rng(5))
     assert t32.dtype == np.float32
     np.testing.assert_array_equal(t32, t64.astype(np.float32))
+
+
+@settings(max_examples=50, deadline=None)
+@given(Z=arrays(np.float64, (6, 4), elements=st.floats(-300, 300, allow_subnormal=False)),
+       task=st.sampled_from(TASKS))
+def test_loss_and_output_equal_the_loss_then_the_output_activation(Z, task) -> None:
+    from engine.functions import LOSS_AND_OUTPUT, OUTPUT_ACTIVATIONS
+
+    if task != "multiclass":
+        Z = Z[:, :1]
+    Y = np.eye(4)[np.arange(6) % 4] if task == "multiclass" else (np.arange(6) % 2)[:, None] * 1.0
+    expected_loss = float(LOSS_FUNCTIONS[task](Y, Z))
+    expected_P = Z.copy()
+    OUTPUT_ACTIVATIONS[task](expected_P)
+    P = Z.copy()
+    loss = float(LOSS_AND_OUTPUT[task](Y, P))
+    assert loss == pytest.approx(expected_loss, rel=1e-12, abs=1e-15)
+    np.testing.assert_allclose(P, expected_P, rtol=1e-12, atol=1e-300)
