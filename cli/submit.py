@@ -110,7 +110,7 @@ def submit(
     """
     from service.exceptions import GridError
     from service.grid import load_grid
-    from service.grid_inline import inline_grid
+    from service.grid_inline import flag, inline_grid
     from service.settings import get_settings
 
     inline: dict[str, str | None] = {
@@ -145,8 +145,7 @@ def submit(
     with _progress(console) as bar:
         if grid_file is not None:
             if given:
-                flag = "--" + given[0].replace("_", "-")
-                raise GridError(f"{flag}: give a grid file or inline options, not both")
+                raise GridError(f"{flag(given[0])}: give a grid file or inline options, not both")
             grid = load_grid(
                 grid_file, name=name, max_runs=settings.max_grid_runs, yes=yes, progress=bar
             )
@@ -273,7 +272,11 @@ def _show_dry_run(grid: Grid) -> None:
     picks = sorted(
         {round(i * (n - 1) / max(1, SAMPLE_ROWS - 1)) for i in range(min(n, SAMPLE_ROWS))}
     )
-    table = Table(title=f"{grid.name}: {n} run(s) from {grid.source} (dry run: nothing written)")
+    console.print(
+        f"[bold]{grid.name}[/bold]: {n} run(s) from {grid.source} (dry run: nothing written)",
+        highlight=False,
+    )
+    table = Table()
     table.add_column("#", justify="right")
     for key in varying:
         table.add_column(key)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
 
 from service.celery_app import QUEUE, TRAIN_TASK
@@ -118,13 +119,17 @@ def _broker_errors(app: Celery, conn: Any) -> tuple[type[BaseException], ...]:
     )
 
 
+def _broker_url(app: Celery) -> str:
+    return maybe_sanitize_url(app.conf.broker_url or "")
+
+
 def check_broker(app: Celery) -> None:
     """Connect to the broker once; BrokerError (one line) if it cannot be reached."""
     with app.connection_for_write() as conn:
         try:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=5)
         except Exception as exc:
-            url = conn.as_uri()
+            url = _broker_url(app)
             raise BrokerError(f"broker {url}: cannot connect: {_first_line(exc)}") from None
 
 
@@ -190,7 +195,7 @@ def publish_runs(
                         progress("publish", sent, len(ids))
             except errors as exc:
                 raise PublishError(
-                    f"broker {conn.as_uri()}: publishing failed after {sent} of {len(ids)} "
+                    f"broker {_broker_url(app)}: publishing failed after {sent} of {len(ids)} "
                     f"message(s): {_first_line(exc)}",
                     sent,
                 ) from exc
