@@ -256,7 +256,7 @@ def rw_rates(dtype: str, K: int, iterations: int, rounds: int) -> dict[str, floa
                 h = hidden[: e - s]
                 np.matmul(b0[s:e].reshape((e - s) * 33, -1), cands.XT,
                           out=h.reshape((e - s) * 33, n))
-                np.matmul(b1[s:e], h, out=Z[s:e])
+                np.matmul(b1[s:e], h, out=Z[: e - s])
 
     times = best_of(rounds, {"engine": engine, "per_pass": per_pass, "batched": batched})
     evaluations = iterations * K

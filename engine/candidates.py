@@ -78,7 +78,9 @@ class Candidates:
         self.chunk = max(1, min(K, CHUNK_BYTES // (widest * n * dt.itemsize)))
         self.hidden = [np.empty((self.chunk, u + 1, n), dtype=dt) for u in units[1:-1]]
         self._ones_kept = self.net.activation in ("relu", "leaky_relu", "identity")  # f(1) == 1
-        self.Z = np.empty((K, units[-1], n), dtype=dt)  # every candidate's logits
+        self.Z = np.empty((self.chunk, units[-1], n), dtype=dt)  # a chunk's logits
+        self.best = -1  # index of the lowest loss of the last ``losses``
+        self._best_logits = np.empty((units[-1], n), dtype=dt)
         self.task = net.task
         eps = float(np.finfo(dt).eps)
         self.clip = (-math.log1p(-eps), -math.log(eps))  # losses at p = 1 - eps and p = eps
@@ -120,28 +122,42 @@ class Candidates:
             W[...] = block[k, :rows, :-1].T
             b[...] = block[k, :rows, -1]
 
-    def logits(self, k: int) -> np.ndarray:
-        """Output pre-activation of candidate ``k`` from the last ``losses``: (n_outputs, n)."""
-        return self.Z[k]
+    def best_logits(self) -> np.ndarray:
+        """Output pre-activation of candidate ``self.best``: shape (n_outputs, n)."""
+        return self._best_logits
 
     def losses(self, m: int | None = None) -> np.ndarray:
-        """Full-batch training loss of the first ``m`` (default all) candidates, shape (m,)."""
+        """Full-batch training loss of the first ``m`` (default all) candidates, shape (m,).
+
+        Also sets ``self.best``, the first index of the lowest loss (NaN counting as
+        +inf), and keeps that candidate's logits for ``best_logits``.
+        """
         m = self.K if m is None else m
         out = np.empty(m, dtype=np.float64)
+        best_loss = math.inf
+        self.best = 0
         for start in range(0, m, self.chunk):
             stop = min(start + self.chunk, m)
-            out[start:stop] = self._loss(self._forward(start, stop))
+            Z = self._forward(start, stop)
+            chunk_losses = out[start:stop]
+            chunk_losses[...] = self._loss(Z)
+            chunk_losses[np.isnan(chunk_losses)] = math.inf
+            k = int(np.argmin(chunk_losses))
+            if chunk_losses[k] < best_loss or start == 0:
+                best_loss = float(chunk_losses[k])
+                self.best = start + k
+                np.copyto(self._best_logits, Z[k])
         return out
 
     def _forward(self, start: int, stop: int) -> np.ndarray:
-        """Logits of candidates ``start:stop`` (into ``self.Z``)."""
+        """Logits of candidates ``start:stop`` (into the chunk buffer ``self.Z``)."""
         c, n = stop - start, self.n
         act = self.net.hidden_activation
         last = len(self.blocks) - 1
         a = self.XT
         for i, block in enumerate(self.blocks):
             block = block[start:stop]
-            out = self.hidden[i][:c] if i < last else self.Z[start:stop]
+            out = self.hidden[i][:c] if i < last else self.Z[:c]
             if i == 0:  # the first layer of the whole chunk in one product
                 rows = block.shape[1]
                 np.matmul(block.reshape(c * rows, -1), a, out=out.reshape(c * rows, n))

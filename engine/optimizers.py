@@ -244,7 +244,7 @@ class RandomWalkOptimizer(Optimizer):
     def start(self) -> None:
         self._cands.set_first(self.theta)
         self.loss = _finite_or_inf(float(self._cands.losses(1)[0]))
-        np.copyto(self._logits, self._cands.logits(0))
+        np.copyto(self._logits, self._cands.best_logits())
         self.best_loss = self.loss
         np.copyto(self.best, self.theta)
 
@@ -258,7 +258,7 @@ class RandomWalkOptimizer(Optimizer):
         cands = self._cands
         cands.propose(self.theta, sigma, self.rng)
         losses = cands.losses()
-        k = int(np.argmin(np.where(np.isnan(losses), np.inf, losses)))
+        k = cands.best  # the lowest loss (NaN counts as +inf)
         new_loss = _finite_or_inf(float(losses[k]))
         delta = new_loss - self.loss
         u = self.rng.random()  # drawn every iteration, used only when T > 0
@@ -267,7 +267,7 @@ class RandomWalkOptimizer(Optimizer):
         if accept:
             self.accepted += 1
             cands.take(k, self.theta)
-            np.copyto(self._logits, cands.logits(k))
+            np.copyto(self._logits, cands.best_logits())
             self.loss = new_loss
             if new_loss < self.best_loss:
                 self.best_loss = new_loss

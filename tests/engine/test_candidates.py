@@ -46,9 +46,11 @@ def test_batched_losses_equal_the_networks_loss(task, activation, hidden) -> Non
         point = np.empty_like(theta)
         cands.take(k, point)
         assert losses[k] == pytest.approx(net.loss(point, X, Y), rel=1e-12, abs=1e-15)
-        # the logits of candidate k give the network's outputs
-        np.testing.assert_allclose(cands.outputs(cands.logits(k)), net.predict(point, X),
-                                   rtol=1e-10, atol=1e-14)
+    # the best candidate is known, with its logits, which give the network's outputs
+    assert cands.best == int(np.argmin(losses))
+    cands.take(cands.best, point)
+    np.testing.assert_allclose(cands.outputs(cands.best_logits()), net.predict(point, X),
+                               rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("task", ["multiclass", "binary"])
@@ -144,3 +146,19 @@ def test_batched_losses_are_exact_on_random_networks(seed, scale, task) -> None:
     assert losses[1] == pytest.approx(_exact_loss(net, point, X, y), rel=1e-12, abs=1e-15)
     # and so is the plain network's loss, also computed from logits
     assert losses[1] == pytest.approx(net.loss(point, X, Y), rel=1e-12, abs=1e-15)
+
+
+def test_chunked_passes_give_the_same_losses_and_best(monkeypatch) -> None:
+    import engine.candidates as candidates
+
+    net, X, y, Y, theta, _ = _setup("multiclass", (6, 5), "tanh", n=40)
+    whole = Candidates(net, X, y, K=7)
+    monkeypatch.setattr(candidates, "CHUNK_BYTES", 2 * 6 * 40 * 8)  # two candidates a chunk
+    chunked = Candidates(net, X, y, K=7)
+    assert (whole.chunk, chunked.chunk) == (7, 2)
+    for cands in (whole, chunked):
+        cands.propose(theta, 0.5, np.random.default_rng(3))
+    a, b = whole.losses(), chunked.losses()
+    np.testing.assert_allclose(a, b, rtol=1e-13)
+    assert whole.best == chunked.best == int(np.argmin(a))
+    np.testing.assert_allclose(whole.best_logits(), chunked.best_logits(), rtol=1e-13)
