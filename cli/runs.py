@@ -88,6 +88,14 @@ def retry(
             "--stale", help="Re-enqueue running runs whose heartbeat expired (they resume)."
         ),
     ] = False,
+    queued: Annotated[
+        bool,
+        typer.Option(
+            "--queued",
+            help="Send the messages of all queued runs again (the broker lost them, e.g. "
+            "Redis restarted without persistence); a run is still trained once.",
+        ),
+    ] = False,
 ) -> None:
     """Re-enqueue runs of an experiment; queued runs whose message was never sent are sent too.
 
@@ -98,7 +106,7 @@ def retry(
     from service.celery_app import make_app
     from service.db import get_engine, session_scope
     from service.models import RunStatus
-    from service.runs import get_experiment, reap_stale, reset_finished
+    from service.runs import get_experiment, mark_unsent, reap_stale, reset_finished
     from service.settings import get_settings
     from service.submit import publish_pending
 
@@ -117,6 +125,8 @@ def retry(
             if stale
             else None
         )
+        if queued:
+            mark_unsent(session=session, experiment_id=exp.id)
     sent = publish_pending(app=make_app(settings), engine=get_engine(), experiment_id=exp.id)
     parts = [f"{len(restarted)} finished run(s) restarted"]
     if reaped is not None:

@@ -566,6 +566,19 @@ def orphans(*, session: Session, older_than: float, now: datetime | None = None)
     )
 
 
+def mark_unsent(*, session: Session | Connection, experiment_id: int) -> int:
+    """Mark the experiment's queued runs as never sent, so the next publish sends them all.
+
+    For messages the broker lost; a run whose message arrives twice is still
+    trained once (the claim drops the second).
+    """
+    return session.execute(
+        update(_runs)
+        .where(_runs.c.experiment_id == experiment_id, _runs.c.status == RunStatus.queued)
+        .values(published=False)
+    ).rowcount
+
+
 def queued_published(*, session: Session) -> list[int]:
     """Ids of queued runs whose message was handed to the broker (and not yet claimed)."""
     return list(

@@ -163,6 +163,10 @@ def test_cancel_and_retry_from_the_command_line(
         assert RunStatus(rows[a].status) is RunStatus.queued and rows[a].published
         assert rows[a].error is None
 
+        again = _mlpq("retry", "e1", "--queued", cwd=tmp_path, env=cli_env)
+        assert again.returncode == 0, again.stderr
+        assert "1 message(s) published" in again.stdout  # run a, queued and already sent
+
         missing = _mlpq("cancel", "nope", cwd=tmp_path, env=cli_env)
         assert missing.returncode == 2
         assert missing.stderr.strip() == (
