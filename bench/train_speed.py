@@ -33,6 +33,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"  # before NumPy is imported
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -44,7 +45,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import Dataset, Trainer, TrainConfig, load_dataset  # noqa: E402
+from engine import Dataset, TrainConfig, Trainer, load_dataset  # noqa: E402
 
 try:
     from threadpoolctl import threadpool_limits
@@ -95,7 +96,7 @@ def bare_epoch(X: np.ndarray, y: np.ndarray) -> Callable[[], None]:
     rng = np.random.default_rng(0)
     sizes = [X.shape[1], *HIDDEN, 10]
     W = [(rng.standard_normal((a, b)) * np.sqrt(2 / a)).astype(np.float32)
-         for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+         for a, b in itertools.pairwise(sizes)]
     b = [np.zeros(n, np.float32) for n in sizes[1:]]
     Y = np.eye(10, dtype=np.float32)[y]
 
@@ -165,8 +166,7 @@ def gemm_epoch(X: np.ndarray) -> Callable[[], None]:
     """One epoch's GEMMs alone: 3 forward, 3 weight-gradient, 2 input-gradient per batch."""
     rng = np.random.default_rng(0)
     sizes = [X.shape[1], *HIDDEN, 10]
-    W = [rng.standard_normal((a, b)).astype(np.float32)
-         for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    W = [rng.standard_normal((a, b)).astype(np.float32) for a, b in itertools.pairwise(sizes)]
     gW = [np.empty_like(w) for w in W]
     acts = [np.empty((BATCH, s), np.float32) for s in sizes[1:]]
     deltas = [np.empty((BATCH, s), np.float32) for s in sizes[1:-1]]
@@ -239,12 +239,12 @@ def rw_rates(dtype: str, K: int, iterations: int, rounds: int) -> dict[str, floa
     rng = np.random.default_rng(0)
     W0 = rng.standard_normal((64, 32)).astype(dtype)
     W1 = rng.standard_normal((32, 10)).astype(dtype)
-    H, O = np.empty((n, 32), dtype), np.empty((n, 10), dtype)
+    hid, out = np.empty((n, 32), dtype), np.empty((n, 10), dtype)
 
     def per_pass() -> None:
         for _ in range(iterations * K):
-            np.matmul(X, W0, out=H)
-            np.matmul(H, W1, out=O)
+            np.matmul(X, W0, out=hid)
+            np.matmul(hid, W1, out=out)
 
     cands = trainer.optimizer._cands  # the engine's own buffers and GEMM calls
     b0, b1, hidden, Z, c = cands.blocks[0], cands.blocks[1], cands.hidden[0], cands.Z, cands.chunk

@@ -20,6 +20,7 @@ Only this module knows the layout, chosen for speed:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -50,8 +51,7 @@ class Candidates:
         self.K = K
         self.n = n = X.shape[0]
         units = net.units
-        shapes = [(fan_out, fan_in + 1) for fan_in, fan_out in zip(units[:-1], units[1:],
-                                                                    strict=True)]
+        shapes = [(fan_out, fan_in + 1) for fan_in, fan_out in itertools.pairwise(units)]
         # One flat buffer (of even length, for the normal pairs): all the noise of an iteration.
         self.flat = np.empty(K * net.n_params + (K * net.n_params) % 2, dtype=dt)
         self._normal = NormalSource(self.flat.size, dt)

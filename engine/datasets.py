@@ -309,9 +309,10 @@ def _parse_csv(
     if len(set(header)) != len(header):
         raise ConfigError("dataset", f"the CSV header repeats a column name: {header}")
     if target not in header:
-        raise ConfigError("target", f"no column {target!r} in the CSV (columns: {', '.join(header)})")
+        columns = ", ".join(header)
+        raise ConfigError("target", f"no column {target!r} in the CSV (columns: {columns})")
     if len(header) < 2:
-        raise ConfigError("dataset", "the CSV needs at least one feature column besides the target")
+        raise ConfigError("dataset", "the CSV needs a feature column besides the target")
     body = rows[1:]
     if len(body) < 2:
         raise ConfigError("dataset", f"the CSV has {len(body)} data rows; at least 2 are needed")

@@ -107,9 +107,10 @@ class BackpropOptimizer(Optimizer):
     full-batch mode, where order cannot matter) and walks it in batches of
     ``batch_size``; every batch does ``v = momentum v - lr g; theta += v``
     (``theta -= lr g`` without momentum), where ``g`` includes the L2 term
-    ``weight_decay * W / m`` (``lr g`` comes straight out of the backward pass). The learning rate of epoch ``t`` is
-    ``learning_rate / (1 + lr_decay t)``. A non-finite batch loss or parameter
-    stops the epoch and restores the parameters from its start.
+    ``weight_decay * W / m`` (``lr g`` comes straight out of the backward
+    pass). The learning rate of epoch ``t`` is ``learning_rate / (1 + lr_decay t)``.
+    A non-finite batch loss or parameter stops the epoch and restores the
+    parameters from its start.
     """
 
     def __init__(self, config, net, X, Y, theta0, rng) -> None:
@@ -230,10 +231,7 @@ class RandomWalkOptimizer(Optimizer):
         self.best_loss = math.inf
         self.accepted = 0
         self.proposed = 0
-        if net.task == "multiclass":
-            y = Y.argmax(axis=1)
-        else:
-            y = Y[:, 0]
+        y = Y.argmax(axis=1) if net.task == "multiclass" else Y[:, 0]
         self._cands = Candidates(net, X, y, K)
         self._logits = np.empty((net.units[-1], X.shape[0]), dtype=net.dtype)  # at theta
 

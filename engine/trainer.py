@@ -308,7 +308,7 @@ class Trainer:
     # -- checkpoint ------------------------------------------------------------------------------
 
     def checkpoint(self) -> bytes:
-        """The whole training state as npz bytes (no pickle); ``Trainer(..., state=)`` resumes it."""
+        """The whole training state as npz bytes (no pickle); ``Trainer(state=...)`` resumes it."""
         arrays, opt_scalars = self._opt.state()
         trainer = {
             "step": self.step,

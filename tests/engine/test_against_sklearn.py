@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-from engine import Trainer, TrainConfig, load_dataset
+from engine import TrainConfig, Trainer, load_dataset
 
 SKLEARN_ACTIVATION = {"relu": "relu", "tanh": "tanh", "sigmoid": "logistic", "identity": "identity"}
 EPOCHS = 20

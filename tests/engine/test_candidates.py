@@ -151,7 +151,7 @@ def test_batched_losses_are_exact_on_random_networks(seed, scale, task) -> None:
 def test_chunked_passes_give_the_same_losses_and_best(monkeypatch) -> None:
     import engine.candidates as candidates
 
-    net, X, y, Y, theta, _ = _setup("multiclass", (6, 5), "tanh", n=40)
+    net, X, y, _, theta, _ = _setup("multiclass", (6, 5), "tanh", n=40)
     whole = Candidates(net, X, y, K=7)
     monkeypatch.setattr(candidates, "CHUNK_BYTES", 2 * 6 * 40 * 8)  # two candidates a chunk
     chunked = Candidates(net, X, y, K=7)

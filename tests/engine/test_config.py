@@ -40,7 +40,8 @@ def test_lists_ints_for_floats_and_numpy_ints_are_normalized() -> None:
     assert c.learning_rate == 1.0 and type(c.learning_rate) is float
     assert type(c.max_steps) is int
     assert c.to_dict()["hidden"] == [8, 4]
-    assert TrainConfig.from_dict({"dataset": "iris", "optimizer": "backprop", "hidden": []}).hidden == ()
+    no_hidden = TrainConfig.from_dict({"dataset": "iris", "optimizer": "backprop", "hidden": []})
+    assert no_hidden.hidden == ()
 
 
 @pytest.mark.parametrize(
@@ -91,14 +92,14 @@ def test_invalid_configs_raise_config_error_starting_with_the_key(patch, message
 def test_dataset_and_optimizer_are_required(missing) -> None:
     d = {"dataset": "moons", "optimizer": "backprop"}
     del d[missing]
-    with pytest.raises(ConfigError, match=f"^{missing}: required"):
+    with pytest.raises(ConfigError, match=rf"^{missing}: required"):
         TrainConfig.from_dict(d)
 
 
 def test_direct_construction_is_validated_too() -> None:
-    with pytest.raises(ConfigError, match="^learning_rate: not a parameter of random_walk"):
+    with pytest.raises(ConfigError, match=r"^learning_rate: not a parameter of random_walk"):
         TrainConfig(dataset="xor", optimizer="random_walk", learning_rate=0.5)
-    with pytest.raises(ConfigError, match="^batch_size: must be >= 1"):
+    with pytest.raises(ConfigError, match=r"^batch_size: must be >= 1"):
         TrainConfig(dataset="xor", optimizer="backprop", batch_size=0)
 
 

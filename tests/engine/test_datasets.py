@@ -7,7 +7,7 @@ import socket
 import numpy as np
 import pytest
 
-from engine import DATASETS, ConfigError, Trainer, TrainConfig, csv_name, load_dataset
+from engine import DATASETS, ConfigError, TrainConfig, Trainer, csv_name, load_dataset
 
 EXPECTED = {
     "xor": ("binary", 2, 2),
@@ -136,10 +136,10 @@ def test_csv_task_override() -> None:
     name, data = _csv(_rows(40, lambda i: i % 4))
     d = load_dataset(name, seed=0, csv=data, target="label", task="regression")
     assert d.task == "regression"
-    with pytest.raises(ConfigError, match="^task: binary needs 2 classes"):
+    with pytest.raises(ConfigError, match=r"^task: binary needs 2 classes"):
         load_dataset(name, seed=0, csv=data, target="label", task="binary")
     name, data = _csv(_rows(40, lambda i: "xy"[i % 2]))
-    with pytest.raises(ConfigError, match="^task: regression needs a numeric target"):
+    with pytest.raises(ConfigError, match=r"^task: regression needs a numeric target"):
         load_dataset(name, seed=0, csv=data, target="label", task="regression")
 
 
@@ -174,16 +174,16 @@ def test_bad_csvs_raise_config_errors(text, target, message) -> None:
 
 def test_csv_bytes_must_match_the_name() -> None:
     name, data = _csv(_rows(10, lambda i: i % 2))
-    with pytest.raises(ConfigError, match="^dataset: the CSV's sha256 does not match"):
+    with pytest.raises(ConfigError, match=r"^dataset: the CSV's sha256 does not match"):
         load_dataset(name, seed=0, csv=data + b"1,2,0\n", target="label")
-    with pytest.raises(ConfigError, match="^dataset: .* needs the CSV's bytes"):
+    with pytest.raises(ConfigError, match=r"^dataset: .* needs the CSV's bytes"):
         load_dataset(name, seed=0, target="label")
 
 
 def test_unknown_dataset_and_bad_arguments() -> None:
-    with pytest.raises(ConfigError, match="^dataset: must be one of"):
+    with pytest.raises(ConfigError, match=r"^dataset: must be one of"):
         load_dataset("mnist", seed=0)
-    with pytest.raises(ConfigError, match="^val_fraction:"):
+    with pytest.raises(ConfigError, match=r"^val_fraction:"):
         load_dataset("xor", seed=0, val_fraction=1.0)
-    with pytest.raises(ConfigError, match="^task: iris is a multiclass dataset"):
+    with pytest.raises(ConfigError, match=r"^task: iris is a multiclass dataset"):
         load_dataset("iris", seed=0, task="binary")

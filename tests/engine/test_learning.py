@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine import Trainer, TrainConfig, load_dataset
+from engine import TrainConfig, Trainer, load_dataset
 
 
 def _train(config: TrainConfig):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 from functools import cache
@@ -10,7 +11,7 @@ from functools import cache
 import numpy as np
 import pytest
 
-from engine import ConfigError, Trainer, TrainConfig, load_dataset, load_weights
+from engine import ConfigError, TrainConfig, Trainer, load_dataset, load_weights
 from engine.metrics import RECORD_FIELDS
 
 BACKPROP_ONLY = {"grad_norm", "learning_rate"}
@@ -162,7 +163,7 @@ def test_checkpoint_of_another_config_is_refused() -> None:
     config = TrainConfig(dataset="xor", optimizer="backprop", max_steps=2)
     trainer, _ = _run(config)
     other = TrainConfig(dataset="xor", optimizer="backprop", max_steps=2, learning_rate=0.5)
-    with pytest.raises(ValueError, match="^state: the checkpoint was taken with a different"):
+    with pytest.raises(ValueError, match=r"^state: the checkpoint was taken with a different"):
         Trainer(other, _data("xor"), trainer.checkpoint())
 
 
@@ -262,7 +263,7 @@ def test_random_walk_returns_the_best_point_seen() -> None:
     result = trainer.result()
     best_train = min(r["train_loss"] for r in records)
     assert result.summary["final_train_loss"] == pytest.approx(best_train, rel=1e-12)
-    accepted_worse = any(b["train_loss"] > a["train_loss"] for a, b in zip(records, records[1:]))
+    accepted_worse = any(b["train_loss"] > a["train_loss"] for a, b in itertools.pairwise(records))
     assert accepted_worse  # with T > 0 the chain did go uphill, yet the best is returned
     assert 0 < records[-1]["acceptance_rate"] <= 1
 
@@ -283,5 +284,5 @@ def test_summary_fields() -> None:
 
 
 def test_data_must_match_the_config() -> None:
-    with pytest.raises(ConfigError, match="^dataset: config says 'xor'"):
+    with pytest.raises(ConfigError, match=r"^dataset: config says 'xor'"):
         Trainer(TrainConfig(dataset="xor", optimizer="backprop"), _data("moons"))
