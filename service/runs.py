@@ -18,7 +18,7 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
@@ -592,6 +592,4 @@ def _aware(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes (stored in UTC); PostgreSQL aware ones.
     if value is None or value.tzinfo is not None:
         return value
-    from datetime import UTC
-
     return value.replace(tzinfo=UTC)
