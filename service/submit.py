@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,11 @@ from service.models import (
     utcnow,
 )
 
+try:
+    import fcntl
+except ImportError:  # Windows has no fcntl; SQLite submits there are not serialized
+    fcntl = None  # type: ignore[assignment]
+
 Progress = Callable[[str, int, int], None]
 
 #: Messages handed to the broker per batch (one Redis pipeline, one UPDATE ... published).
@@ -55,8 +61,6 @@ INSERT_CHUNK = 5000
 LOOKUP_CHUNK = 20000
 #: Run ids per IN (...) list (SQLite allows 32766 parameters per statement).
 ID_CHUNK = 5000
-# Serializes submits on PostgreSQL, so two submitting the same grid cannot both insert it.
-_PG_SUBMIT_LOCK = 0x6D6C7071  # "mlpq"
 
 _RUNS = Run.__table__
 _IN_FLIGHT = frozenset({RunStatus.queued, RunStatus.running})
@@ -228,12 +232,10 @@ def publish_pending(
     progress: Progress | None = None,
 ) -> int:
     """Send the messages of queued runs that were never sent (all, or one experiment's)."""
-    return publish_runs(
-        app,
-        pending_ids(engine=engine, experiment_id=experiment_id),
-        engine=engine,
-        progress=progress,
-    )
+    # Under the submit lock: a submitter publishing right now is waited for, not doubled.
+    with submit_lock(engine):
+        ids = pending_ids(engine=engine, experiment_id=experiment_id)
+        return publish_runs(app, ids, engine=engine, progress=progress)
 
 
 # -- the store side -----------------------------------------------------------------------------
@@ -298,10 +300,37 @@ _RESET: dict[str, Any] = {
 }
 
 
-def _lock(conn: Connection) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SUBMIT_LOCK})
-    # SQLite: the store's transactions begin IMMEDIATE, which already serializes writers.
+@contextmanager
+def submit_lock(engine: Engine) -> Iterator[None]:
+    """Serialize submitters of one store from their first read to their last message.
+
+    Without it, a second submit of the same grid could see the first one's runs
+    queued but not yet published and send them a second time. PostgreSQL: a
+    session advisory lock keyed by the store's schema; SQLite: a file lock beside
+    the database (one machine).
+    """
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            key = text("SELECT hashtext(current_schema() || '.mlpq.submit')")
+            lock_id = conn.execute(key).scalar_one()
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": lock_id})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": lock_id})
+                conn.commit()
+        return
+    database = engine.url.database
+    if not database or database == ":memory:" or fcntl is None:
+        yield
+        return
+    with open(f"{database}.submit-lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _experiment(conn: Connection, grid: Grid) -> tuple[int, bool]:
@@ -440,47 +469,58 @@ def submit(
     unsent (``unsent``, ``publish_error``).
     """
     check_broker(app)
-    to_publish: list[int] = []
-    with engine.begin() as conn:
-        _lock(conn)
-        for csv in grid.datasets:
-            store_dataset(conn, csv.name, csv.data)
-        experiment_id, created = _experiment(conn, grid)
-        report = SubmitReport(experiment_id, grid.name, created, total=len(grid.runs))
-        existing = _existing(conn, (r.config_hash for r in grid.runs))
-        now = utcnow()
-        rows: list[dict[str, Any]] = []
-        requeue: list[int] = []
-        unsent: list[int] = []
-        for run in grid.runs:
-            matches = existing.get(run.config_hash, ())
-            in_flight = [m for m in matches if m[2] in _IN_FLIGHT]
-            if in_flight:
-                report.already_queued += 1
-                unsent.extend(m[0] for m in in_flight if m[2] is RunStatus.queued and not m[3])
-                continue
-            if any(m[2] in _DONE for m in matches):
-                if not force:
-                    report.skipped_done += 1
-                    continue
-                report.forced += 1
-                rows.append(run_row(experiment_id, run, now))
-                continue
-            mine = [m for m in matches if m[1] == experiment_id and m[2] in _REQUEUE]
-            if mine:
-                requeue.append(mine[0][0])
-                continue
-            rows.append(run_row(experiment_id, run, now))
-        report.new = len(rows) - report.forced
-        report.requeued = len(requeue)
-        new_ids = _insert_runs(conn, rows, progress)
-        _requeue(conn, requeue)
-    report.run_ids = new_ids + requeue
-    to_publish = sorted(set(report.run_ids) | set(unsent))
-    try:
-        report.published = publish_runs(app, to_publish, engine=engine, progress=progress)
-    except PublishError as exc:
-        report.published = exc.sent
-        report.publish_error = str(exc)
+    with submit_lock(engine):
+        with engine.begin() as conn:
+            report, fresh, unsent = _store(conn, grid, force, progress)
+        report.run_ids = fresh
+        to_publish = sorted(set(fresh) | set(unsent))
+        try:
+            report.published = publish_runs(app, to_publish, engine=engine, progress=progress)
+        except PublishError as exc:
+            report.published = exc.sent
+            report.publish_error = str(exc)
     report.unsent = len(to_publish) - report.published
     return report
+
+
+def _store(
+    conn: Connection, grid: Grid, force: bool, progress: Progress | None
+) -> tuple[SubmitReport, list[int], list[int]]:
+    """Write the grid's runs in the caller's transaction.
+
+    Returns the report so far, the ids of the runs queued now (new, forced,
+    requeued) and the ids of runs already queued whose message was never sent.
+    """
+    for csv in grid.datasets:
+        store_dataset(conn, csv.name, csv.data)
+    experiment_id, created = _experiment(conn, grid)
+    report = SubmitReport(experiment_id, grid.name, created, total=len(grid.runs))
+    existing = _existing(conn, (r.config_hash for r in grid.runs))
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    requeue: list[int] = []
+    unsent: list[int] = []
+    for run in grid.runs:
+        matches = existing.get(run.config_hash, ())
+        in_flight = [m for m in matches if m[2] in _IN_FLIGHT]
+        if in_flight:
+            report.already_queued += 1
+            unsent.extend(m[0] for m in in_flight if m[2] is RunStatus.queued and not m[3])
+            continue
+        if any(m[2] in _DONE for m in matches):
+            if not force:
+                report.skipped_done += 1
+                continue
+            report.forced += 1
+            rows.append(run_row(experiment_id, run, now))
+            continue
+        mine = [m for m in matches if m[1] == experiment_id and m[2] in _REQUEUE]
+        if mine:
+            requeue.append(mine[0][0])
+            continue
+        rows.append(run_row(experiment_id, run, now))
+    report.new = len(rows) - report.forced
+    report.requeued = len(requeue)
+    new_ids = _insert_runs(conn, rows, progress)
+    _requeue(conn, requeue)
+    return report, new_ids + requeue, unsent

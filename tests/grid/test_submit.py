@@ -320,3 +320,30 @@ def test_a_broker_dying_midway_leaves_unsent_runs_queued_and_they_are_sent_exact
     assert sent == [r.id for r in stored]  # every run once, none twice
     assert all(r.published for r in rows(engine))
     client.close()
+
+
+def test_two_submits_of_one_grid_at_once_store_and_send_each_run_once(
+    store_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    grid = make_grid(SMALL)
+
+    def one() -> Any:
+        engine = make_engine(store_url)
+        try:
+            return submit(grid=grid, engine=engine, app=app_for(redis_url, tmp_path))
+        finally:
+            engine.dispose()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reports = [f.result() for f in [pool.submit(one), pool.submit(one)]]
+    assert sorted(r.new for r in reports) == [0, 24]
+    assert sorted(r.already_queued for r in reports) == [0, 24]
+    engine = make_engine(store_url)
+    try:
+        assert len(rows(engine)) == 24
+    finally:
+        engine.dispose()
+    messages = queued_messages(redis.Redis.from_url(redis_url))
+    assert len(messages) == 24 and len({task_args(m)[0] for m in messages}) == 24
