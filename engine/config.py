@@ -245,6 +245,7 @@ def _validated(config: TrainConfig) -> dict[str, Any]:
         native = DATASET_TASKS[dataset]
         if values["task"] not in (None, native):
             raise ConfigError("task", f"{dataset} is a {native} dataset, got {values['task']!r}")
+        values["task"] = None  # canonical: a built-in's own task is implied
     elif not values["target"]:
         raise ConfigError("target", f"required for csv dataset {dataset}")
     return values

@@ -103,6 +103,11 @@ def test_direct_construction_is_validated_too() -> None:
         TrainConfig(dataset="xor", optimizer="backprop", batch_size=0)
 
 
+def test_a_built_in_datasets_own_task_is_canonically_none() -> None:
+    c = TrainConfig.from_dict({"dataset": "iris", "optimizer": "backprop", "task": "multiclass"})
+    assert c.task is None and c == TrainConfig(dataset="iris", optimizer="backprop")
+
+
 def test_csv_dataset_with_target_and_task() -> None:
     c = TrainConfig.from_dict(
         {"dataset": CSV, "target": "price", "task": "regression", "optimizer": "backprop"}
