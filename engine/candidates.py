@@ -11,8 +11,10 @@ Only this module knows the layout, chosen for speed:
   candidates is ONE matrix product ``(c (fan_out + 1), fan_in + 1) @
   (fan_in + 1, n)`` and deeper layers are one batched ``np.matmul``; no
   separate bias pass anywhere.
-- Activations are feature-major, ``(K, units, n)``, so the loss reduces over
-  the few output units as whole rows of ``n`` samples.
+- Activations are feature-major, ``(chunk, units, n)``, so the loss reduces
+  over the few output units as whole rows of ``n`` samples. Candidates pass
+  through a chunk at a time (buffers sized to a chunk, not to ``K``); only the
+  best candidate's logits are kept.
 - The loss is computed from the logits, with the conventions of
   ``LOSS_FUNCTIONS`` (probabilities clipped to ``[eps, 1 - eps]``, which is a
   clip of each sample's loss).
