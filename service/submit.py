@@ -210,9 +210,18 @@ def publish_runs(
     return sent
 
 
+_MARK_PG = text("UPDATE runs SET published = true WHERE id = ANY(CAST(:ids AS integer[]))")
+_MARK_SQLITE = text("UPDATE runs SET published = 1 WHERE id IN (SELECT value FROM json_each(:ids))")
+
+
 def _mark_published(engine: Engine, ids: Sequence[int]) -> None:
+    # One array parameter: compiling an IN list of thousands of parameters in this
+    # thread would take the GIL from the publishing loop.
     with engine.begin() as conn:
-        conn.execute(update(_RUNS).where(_RUNS.c.id.in_(ids)).values(published=True))
+        if conn.dialect.name == "postgresql":
+            conn.execute(_MARK_PG, {"ids": list(ids)})
+        else:
+            conn.execute(_MARK_SQLITE, {"ids": json.dumps(list(ids))})
 
 
 def pending_ids(*, engine: Engine, experiment_id: int | None = None) -> list[int]:
