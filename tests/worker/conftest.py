@@ -1,4 +1,4 @@
-"""Fixtures of the worker tests; ``worker_testlib`` holds their helpers."""
+"""Fixtures of the worker tests; `worker_testlib` holds their shared utilities."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared helpers of the worker tests: runs in a store, worker processes, polling."""
+"""Shared utilities of the worker tests: runs in a store, worker processes, polling."""
 
 from __future__ import annotations
 
