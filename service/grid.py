@@ -772,6 +772,8 @@ def expand_grid(
     if max_runs is not None and upper > max_runs and not yes and not has_rules:
         raise _too_big(resolver, upper, max_runs)
 
+    if progress is not None:
+        progress("expand", 0, upper)
     runs: list[RunSpec] = []
     seen: set[str] = set()
     excluded = duplicates = done = 0

@@ -165,6 +165,8 @@ def publish_runs(
     create = amqp.create_task_message
     send = amqp.send_task_message
     sent = 0
+    if progress is not None:
+        progress("publish", 0, len(ids))
     # The UPDATE marking a batch published runs in this thread while the next batch
     # is published (on PostgreSQL it costs about as much as the publishing).
     marker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlpq-mark")
@@ -393,6 +395,8 @@ def _insert_runs(
     """Insert ``rows`` into ``runs`` in the caller's transaction; their ids, in order."""
     if not rows:
         return []
+    if progress is not None:
+        progress("insert", 0, len(rows))
     if conn.dialect.name == "postgresql":
         return _copy_runs(conn, rows, progress)
     # SQLite: this transaction holds the write lock (BEGIN IMMEDIATE), so the ids
