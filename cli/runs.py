@@ -30,9 +30,9 @@ INTERRUPT_GRACE_SECONDS = 10.0
 
 def worker(
     concurrency: Annotated[
-        int,
+        int | None,
         typer.Option("--concurrency", "-c", min=1, help="Worker processes (default: CPU count)."),
-    ] = 0,
+    ] = None,
     loglevel: Annotated[
         str, typer.Option("--loglevel", "-l", help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",

@@ -75,13 +75,13 @@ def test_invalid_grid_is_one_line_and_starts_no_worker(tmp_path: Path) -> None:
     assert not (tmp_path / ".mlpq" / "logs").exists()
 
 
-def test_worker_command_pins_one_blas_thread_per_process(tmp_path: Path) -> None:
+def test_worker_command_pins_one_blas_thread_per_process_and_uses_every_cpu(tmp_path: Path) -> None:
     env = worker_env(home=tmp_path / "home")
     exe = shutil.which("mlpq")
     cmd = [exe] if exe else [sys.executable, "-c", "from cli.main import main; main()"]
     log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [*cmd, "worker", "--concurrency", "1"],
+        [*cmd, "worker"],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -97,6 +97,8 @@ def test_worker_command_pins_one_blas_thread_per_process(tmp_path: Path) -> None
         # `mlpq worker` execs celery in place: same pid, environment set before NumPy loads.
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert b"celery" in cmdline and b"prefork" in cmdline
+        # --concurrency defaults to the CPU count.
+        assert cmdline[cmdline.index(b"--concurrency") + 1] == str(os.cpu_count()).encode()
         environ = dict(
             item.split(b"=", 1)
             for item in Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
