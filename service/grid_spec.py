@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -158,6 +158,11 @@ def parse_hidden(value: Any) -> tuple[int, ...]:
     ):
         return tuple(value)
     raise ValueError(f"expected layer sizes like [32, 16] or '32x16', got {_describe(value)}")
+
+
+def hidden_label(hidden: Sequence[int]) -> str:
+    """Layer sizes as the runs table stores them: ``[32, 16]`` -> ``"32x16"``."""
+    return "x".join(str(h) for h in hidden)
 
 
 def _is_architecture_list(value: list[Any]) -> bool:
