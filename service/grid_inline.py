@@ -92,8 +92,10 @@ def inline_data(
             entries.append(entry)
         else:
             entries.append(part)
-    if target and not any(isinstance(e, dict) for e in entries):
-        raise GridError("--target: only for a CSV --dataset (a file ending in .csv)")
+    if not any(isinstance(e, dict) for e in entries):
+        for option, value in (("--target", target), ("--task", task)):
+            if value:
+                raise GridError(f"{option}: only for a CSV --dataset (a file ending in .csv)")
     data["datasets"] = entries if len(entries) > 1 else entries[0]
     aliases["datasets"] = "--dataset"
 

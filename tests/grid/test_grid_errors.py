@@ -239,6 +239,7 @@ def test_json_and_toml_syntax_errors_name_the_file(tmp_path: Path) -> None:
         ({"dataset": "data.csv"}, {}, "--target: required with the CSV dataset data.csv"),
         ({"dataset": "moons"}, {"seeds": "2", "seed": "1,2"}, "--seeds, --seed: give a count"),
         ({}, {}, "--dataset: required"),
+        ({"dataset": "moons"}, {"task": "binary"}, "--task: only for a CSV --dataset"),
     ],
 )
 def test_inline_errors_name_the_option(options: dict, extra: dict, message: str) -> None:
