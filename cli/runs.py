@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -26,6 +27,8 @@ err_console = Console(stderr=True)
 POLL_SECONDS = 0.25
 # Seconds local workers get to finish their current runs after a Ctrl-C.
 INTERRUPT_GRACE_SECONDS = 10.0
+# Seconds idle local workers get for Celery's warm shutdown once the grid is done.
+FINISHED_GRACE_SECONDS = 60.0
 
 
 def worker(
@@ -163,7 +166,7 @@ def run(**options: Any) -> None:
         return
     engine = get_engine()
     if settings.embedded_broker:
-        _republish_lost_messages(engine)
+        _recover_embedded_queue(engine)
     workers = None
     if local:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -179,50 +182,58 @@ def run(**options: Any) -> None:
             "runs on this machine with the same MLPQ_HOME",
             highlight=False,
         )
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the workers are stopped below.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    grace = INTERRUPT_GRACE_SECONDS
     try:
         _wait(engine, report.experiment_id, workers)
+        grace = FINISHED_GRACE_SECONDS
+        from cli.experiments import print_leaderboard
+
+        # Results first: a Celery warm shutdown on the embedded queue takes a few seconds.
+        print_leaderboard(engine, report.experiment, limit=top)
     except KeyboardInterrupt:
         err_console.print(
             "interrupted: stopping local workers; unfinished runs stay queued "
             "(`mlpq run` again or `mlpq worker` resumes them)",
             highlight=False,
         )
-        if workers is not None:
-            workers.stop(timeout=INTERRUPT_GRACE_SECONDS)
         raise typer.Exit(code=130) from None
-    except BaseException:
+    finally:
+        signal.signal(signal.SIGTERM, previous)
         if workers is not None:
-            workers.stop(timeout=INTERRUPT_GRACE_SECONDS)
-        raise
-    from cli.experiments import print_leaderboard
-
-    # Results first: a Celery warm shutdown on the embedded queue takes a few seconds.
-    print_leaderboard(engine, report.experiment, limit=top)
-    if workers is not None:
-        with err_console.status("stopping local workers"):
-            workers.stop()
+            # Runs in progress get a grace period to finish (the rest are resumed later).
+            with err_console.status("stopping local workers"):
+                workers.stop(timeout=grace)
 
 
-def _republish_lost_messages(engine: Engine) -> None:
-    """Send again the messages of queued runs that the embedded queue no longer holds."""
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _recover_embedded_queue(engine: Engine) -> None:
+    """Re-send what a stopped local worker took with it.
+
+    Runs it was training (its process is gone) go back to the queue at once, and
+    queued runs whose message the embedded queue no longer holds (a worker had
+    fetched it) get a new one; a second message for a run is dropped by the claim.
+    """
     from service.celery_app import make_app
     from service.db import session_scope
-    from service.runs import queued_published
+    from service.runs import queued_published, requeue_dead_owners
     from service.settings import get_settings
     from service.submit import publish_runs
     from worker.local import embedded_queue_run_ids
 
     settings = get_settings()
     with session_scope(engine) as session:
+        dead = requeue_dead_owners(session=session)
         queued = queued_published(session=session)
-    if not queued:
-        return
-    lost = sorted(set(queued) - embedded_queue_run_ids(settings))
+    lost = sorted(set(dead) | (set(queued) - embedded_queue_run_ids(settings)))
     if lost:
         publish_runs(make_app(settings), lost, engine=engine)
         err_console.print(
-            f"{len(lost)} queued run(s) had lost their message (a worker stopped holding it); "
-            "sent again",
+            f"{len(lost)} run(s) interrupted by a stopped local worker: queued again",
             highlight=False,
         )
 

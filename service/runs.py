@@ -550,6 +550,37 @@ def reap_stale(
     return ReapResult(requeued=sorted(requeued), failed=failed, cancelled=cancelled)
 
 
+def requeue_dead_owners(*, session: Session | Connection) -> list[int]:
+    """Put back in the queue the running runs whose worker process is dead on this machine.
+
+    No need to wait for their heartbeat to go stale: ``owner_is_dead`` knows. Each
+    run moves by a compare-and-set on its (worker, attempt), so a run another
+    worker took meanwhile is left alone. Returns their ids (still to be published).
+    """
+    running = session.execute(
+        select(_runs.c.id, _runs.c.worker, _runs.c.attempt).where(
+            _runs.c.status == RunStatus.running
+        )
+    ).all()
+    ids = []
+    for run_id, owner, attempt in running:
+        if not owner_is_dead(owner):
+            continue
+        moved = session.execute(
+            update(_runs)
+            .where(
+                _runs.c.id == run_id,
+                _runs.c.worker == owner,
+                _runs.c.attempt == attempt,
+                _runs.c.status == RunStatus.running,
+            )
+            .values(status=RunStatus.queued, published=False, worker=None, heartbeat_at=None)
+        ).rowcount
+        if moved:
+            ids.append(run_id)
+    return ids
+
+
 def orphans(*, session: Session, older_than: float, now: datetime | None = None) -> list[int]:
     """Ids of queued runs created over ``older_than`` seconds ago and never handed to the broker.
 

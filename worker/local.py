@@ -70,6 +70,16 @@ def exec_worker(*, concurrency: int, loglevel: str = "INFO", hostname: str | Non
     os.execve(sys.executable, argv, worker_environment())
 
 
+def _stop_with_parent() -> None:
+    # Runs in the child before exec: on Linux the worker gets SIGTERM (a warm shutdown)
+    # when the process that started it dies, even by SIGKILL, so no worker is orphaned.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class LocalWorkers:
     """One ``celery worker`` subprocess with ``concurrency`` children, logging to a file."""
 
@@ -87,6 +97,7 @@ class LocalWorkers:
             stdin=subprocess.DEVNULL,
             # Own session: a Ctrl-C in the terminal reaches us, and we stop the workers.
             start_new_session=True,
+            preexec_fn=_stop_with_parent,
         )
 
     def alive(self) -> bool:

@@ -29,7 +29,7 @@ def reap_interval(settings: Settings) -> float:
 def reap_once(app: Celery, settings: Settings | None = None) -> list[int]:
     """Settle stale runs and (re)publish them and long-unsent queued runs; returns the ids sent."""
     from service.db import get_engine, session_scope
-    from service.runs import orphans, reap_stale
+    from service.runs import orphans, reap_stale, requeue_dead_owners
     from service.submit import publish_runs
 
     settings = settings or get_settings()
@@ -40,8 +40,9 @@ def reap_once(app: Celery, settings: Settings | None = None) -> list[int]:
             stale_seconds=settings.stale_seconds,
             max_attempts=settings.max_attempts,
         )
+        dead = requeue_dead_owners(session=session)
         unsent = orphans(session=session, older_than=settings.stale_seconds)
-    ids = sorted(set(result.requeued) | set(unsent))
+    ids = sorted(set(result.requeued) | set(dead) | set(unsent))
     if ids:
         publish_runs(app, ids, engine=engine)
     if ids or result.failed or result.cancelled:

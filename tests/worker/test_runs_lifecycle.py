@@ -24,6 +24,7 @@ from service.runs import (
     orphans,
     prepare_resume,
     reap_stale,
+    requeue_dead_owners,
     reset_finished,
     save_progress,
     worker_identity,
@@ -126,6 +127,26 @@ def test_run_of_a_dead_local_process_is_taken_over_at_once(store_engine: Engine)
     assert isinstance(_claim(store_engine, run_id, dead_owner), Claim)
     taken = _claim(store_engine, run_id, worker_identity())
     assert isinstance(taken, Claim) and taken.attempt == 2
+
+
+def test_runs_of_dead_local_processes_are_requeued_and_others_left_alone(
+    store_engine: Engine,
+) -> None:
+    dead_run, live_run, remote_run = add_runs(
+        store_engine, [{**TINY_BACKPROP, "seed": s} for s in range(3)]
+    )
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = worker_identity().rpartition(":")[0]
+    _claim(store_engine, dead_run, f"{host}:{gone.pid}")
+    _claim(store_engine, live_run, worker_identity())
+    _claim(store_engine, remote_run, "elsewhere:1")
+    with _session(store_engine) as session:
+        assert requeue_dead_owners(session=session) == [dead_run]
+    rows = run_rows(store_engine)
+    assert RunStatus(rows[dead_run].status) is RunStatus.queued
+    assert not rows[dead_run].published and rows[dead_run].attempt == 1
+    assert {RunStatus(rows[i].status) for i in (live_run, remote_run)} == {RunStatus.running}
 
 
 def test_run_that_used_up_its_attempts_is_failed_with_the_reason(store_engine: Engine) -> None:
