@@ -224,3 +224,58 @@ def test_run_with_a_dead_broker_writes_nothing(tmp_path: Path) -> None:
     if db.exists():
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+
+
+def _processes_with(marker: bytes) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_stopped_embedded_run_leaves_no_worker_behind_and_the_next_run_finishes_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "grid.yaml").write_text(
+        "name: long\ndatasets: [moons]\nseeds: 4\nmodel: {hidden: [[32]]}\n"
+        "budget: {epochs: 1500}\noptimizers:\n  - {optimizer: backprop, batch_size: 8}\n"
+    )
+    env = worker_env()
+    exe = shutil.which("mlpq")
+    cmd = [exe] if exe else [sys.executable, "-c", "from cli.main import main; main()"]
+    proc = subprocess.Popen(
+        [*cmd, "run", "grid.yaml", "-c", "2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    db = tmp_path / ".mlpq" / "mlpq.db"
+
+    def training() -> bool:
+        if not db.exists():
+            return False
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone()[0]
+
+    wait_for(training, timeout=60, what="a run to start")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted: stopping local workers" in proc.stderr.read().decode()
+    marker = f"local-{proc.pid}@".encode()
+    wait_for(lambda: not _processes_with(marker), timeout=30, what="the local workers to exit")
+
+    again = _mlpq("run", "grid.yaml", "-c", "2", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT r.status, count(m.step), min(m.step), max(m.step) FROM runs r "
+            "JOIN metrics m ON m.run_id = r.id GROUP BY r.id, r.status"
+        ).fetchall()
+    assert rows == [("succeeded", 1500, 1, 1500)] * 4
