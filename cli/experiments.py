@@ -40,6 +40,7 @@ _PARAMS: tuple[str, ...] = (
     "temperature",
     "seed",
 )
+_ALWAYS_SHOWN = frozenset({"dataset", "optimizer"})
 _STATUSES: tuple[str, ...] = ("succeeded", "running", "queued", "failed", "diverged", "cancelled")
 _STATUS_COLORS: dict[str, str] = {"failed": "red", "diverged": "yellow", "running": "cyan"}
 
@@ -146,8 +147,13 @@ def print_leaderboard(
             by = column
             break
     if rows:
-        # Only what differs between the listed runs; the rest is the same in every row.
-        params = [p for p in (*_PARAMS, "status") if len({repr(r.get(p)) for r in rows}) > 1]
+        # Dataset and optimizer always (a score means little without them); the other
+        # hyperparameters only where they differ between the listed runs.
+        params = [
+            p
+            for p in (*_PARAMS, "status")
+            if p in _ALWAYS_SHOWN or len({repr(r.get(p)) for r in rows}) > 1
+        ]
         table = Table(title=f"top {len(rows)} by {by}")
         for column in ("run", *params, by):
             table.add_column(_LABELS.get(column, column), no_wrap=True)
