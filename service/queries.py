@@ -30,7 +30,7 @@ RANKABLE: tuple[str, ...] = (
 
 #: Top runs of an experiment; ``{by}`` and ``{direction}`` come from RANKABLE only.
 LEADERBOARD_SQL = """\
-SELECT run_id, optimizer, hidden, activation, learning_rate, batch_size, step_size,
+SELECT run_id, dataset, optimizer, hidden, activation, learning_rate, batch_size, step_size,
        temperature, seed, status, {by}
 FROM run_summary
 WHERE experiment = :experiment AND {by} IS NOT NULL
