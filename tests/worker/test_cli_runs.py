@@ -261,8 +261,12 @@ def test_stopped_embedded_run_leaves_no_worker_behind_and_the_next_run_finishes_
     def training() -> bool:
         if not db.exists():
             return False
-        with sqlite3.connect(db) as conn:
-            return conn.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone()[0]
+        try:
+            with sqlite3.connect(db) as conn:
+                query = "SELECT count(*) FROM runs WHERE status = 'running'"
+                return conn.execute(query).fetchone()[0] > 0
+        except sqlite3.OperationalError:  # the file exists, its migration has not run yet
+            return False
 
     wait_for(training, timeout=60, what="a run to start")
     proc.send_signal(signal.SIGTERM)
