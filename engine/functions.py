@@ -155,10 +155,27 @@ OUTPUT_ACTIVATIONS: dict[str, Callable[[np.ndarray], None]] = {
 }
 
 
-def _loss_clip(dtype: np.dtype) -> tuple[float, float]:
-    """Per-sample loss bounds of scikit-learn's clip of probabilities to [eps, 1 - eps]."""
+def _loss_bounds(dtype: np.dtype) -> tuple[float, float]:
     eps = float(np.finfo(dtype).eps)
     return -math.log1p(-eps), -math.log(eps)
+
+
+#: Per-sample loss bounds of scikit-learn's clip of probabilities to [eps, 1 - eps].
+LOSS_CLIP = {dtype: _loss_bounds(dtype) for dtype in EXP_FLOOR}
+
+
+def _clip_losses(per_sample: np.ndarray) -> None:
+    # np.clip's Python wrapper costs more than the two ufuncs on a few hundred values;
+    # the result is the same (a NaN stays NaN).
+    low, high = LOSS_CLIP[per_sample.dtype]
+    np.maximum(per_sample, low, out=per_sample)
+    np.minimum(per_sample, high, out=per_sample)
+
+
+def _mean(x: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
+    # x.mean(axis) without its Python bookkeeping: the same sum (np.add.reduce) and division.
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return np.add.reduce(x, axis=axis) / math.prod(x.shape[a] for a in axes)
 
 
 def log_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
@@ -185,8 +202,8 @@ def log_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         np.exp(E, out=E)
     per_sample = np.log(E.sum(axis=-1))
-    np.clip(per_sample, *_loss_clip(Z.dtype), out=per_sample)
-    return per_sample.mean(axis=-1)
+    _clip_losses(per_sample)
+    return _mean(per_sample, -1)
 
 
 def binary_log_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
@@ -205,8 +222,8 @@ def binary_log_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         np.exp(s, out=s)
     np.log1p(s, out=s)
-    np.clip(s, *_loss_clip(Z.dtype), out=s)
-    return s.mean(axis=(-2, -1))
+    _clip_losses(s)
+    return _mean(s, (-2, -1))
 
 
 def squared_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
@@ -224,7 +241,7 @@ def squared_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
     """
     R = Z - Y
     R *= R
-    return 0.5 * R.sum(axis=-1).mean(axis=-1)
+    return 0.5 * _mean(R.sum(axis=-1), -1)
 
 
 def softmax_log_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
@@ -243,8 +260,8 @@ def softmax_log_loss(Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
     per_sample = np.log(total[..., 0])
     per_sample += shift[..., 0]
     per_sample -= z_true
-    np.clip(per_sample, *_loss_clip(Z.dtype), out=per_sample)
-    return per_sample.mean(axis=-1)
+    _clip_losses(per_sample)
+    return _mean(per_sample, -1)
 
 
 def _then_activate(task: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:

@@ -2,9 +2,10 @@
 
 A run holds one pooled connection from its claim to its final write, and every
 write is a short transaction on it. Round trips for a run that finishes within
-one flush interval: the claim (one UPDATE ... RETURNING) and the final write
-(one transaction: status and summary, metrics, weights). Longer runs add one
-transaction per flush or heartbeat, and per checkpoint.
+one flush interval on PostgreSQL: the claim (one UPDATE ... RETURNING) and the
+final write (one statement: status and summary, metrics, weights), both in
+autocommit. Longer runs add one transaction per flush or heartbeat, and per
+checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -53,6 +56,11 @@ def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -
     engine = get_engine(settings.database_url)
     worker = worker or worker_identity()
     with engine.connect() as conn:
+        autocommit = conn.dialect.name == "postgresql"
+        if autocommit:
+            # The claim and a run's final write are single statements there (atomic on their
+            # own): without BEGIN and COMMIT each is one round trip. See _ClaimedRun.transaction.
+            conn.execution_options(isolation_level="AUTOCOMMIT")
         with conn.begin():
             claim = claim_run(
                 session=conn,
@@ -65,7 +73,7 @@ def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -
             log.info("run %d: message dropped: %s", run_id, claim.reason)
             return Outcome(run_id, "dropped", claim.reason)
         log.info("run %d: claimed by %s (attempt %d)", run_id, worker, claim.attempt)
-        run = _ClaimedRun(claim, settings, conn)
+        run = _ClaimedRun(claim, settings, conn, autocommit=autocommit)
         try:
             return run.train()
         except Exception:
@@ -77,10 +85,13 @@ def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -
 class _ClaimedRun:
     """The worker's side of one claimed run: the metric buffer, the clocks and the writes."""
 
-    def __init__(self, claim: Claim, settings: Settings, conn: Connection) -> None:
+    def __init__(
+        self, claim: Claim, settings: Settings, conn: Connection, *, autocommit: bool = False
+    ) -> None:
         self.claim = claim
         self.settings = settings
         self.conn = conn
+        self.autocommit = autocommit
         self.buffer: list[dict[str, Any]] = []
         # Whether the run may have artifacts to replace: a checkpoint of this or an earlier attempt.
         self.has_artifacts = claim.attempt > 1
@@ -144,6 +155,7 @@ class _ClaimedRun:
                 status=status,
                 records=self.buffer,
                 weights=result.weights,
+                weight_shapes=result.shapes,
                 summary=result.summary,
                 stop_reason=stop_reason,
                 has_artifacts=self.has_artifacts,
@@ -178,9 +190,22 @@ class _ClaimedRun:
                 log.exception("run %d: could not record the failure", claim.run_id)
         return Outcome(claim.run_id, "lost", "could not record the failure")
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A transaction for several statements, also on a connection otherwise in autocommit."""
+        conn = self.conn
+        if self.autocommit:
+            conn.execution_options(isolation_level=conn.default_isolation_level)
+        try:
+            with conn.begin():
+                yield
+        finally:
+            if self.autocommit:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+
     def _resume(self) -> bytes | None:
         claim = self.claim
-        with self.conn.begin():
+        with self.transaction():
             resume = prepare_resume(session=self.conn, run_id=claim.run_id)
             record_resume(
                 session=self.conn,
@@ -194,7 +219,7 @@ class _ClaimedRun:
 
     def _save(self, checkpoint: bytes | None, step: int) -> Beat:
         claim = self.claim
-        with self.conn.begin():
+        with self.transaction():
             beat = save_progress(
                 session=self.conn,
                 run_id=claim.run_id,
