@@ -304,7 +304,12 @@ class Backprop(Forward):
             np.matmul(ones, delta, out=gbs[i])  # column sums, as one BLAS call
             if i:
                 d = deltas[i - 1]
-                np.matmul(delta, Ws[i].T, out=d)
+                if delta.shape[1] == 1:
+                    # One unit above: an outer product, exactly (one product per entry)
+                    # and without the cost of a BLAS call on a rank-1 problem.
+                    np.multiply(delta, Ws[i].T, out=d)
+                else:
+                    np.matmul(delta, Ws[i].T, out=d)
                 net.derivative(a_prev, d)
                 delta = d
         return loss, gWs, gbs

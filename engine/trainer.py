@@ -57,6 +57,9 @@ CHECKPOINT_FORMAT = "mlpq-checkpoint-1"
 
 #: Metrics only one optimizer reports; the other's records hold None there.
 _OPTIMIZER_FIELDS = ("grad_norm", "learning_rate", "step_size", "temperature", "acceptance_rate")
+_OPTIMIZER_FIELD_SET = frozenset(_OPTIMIZER_FIELDS)
+#: (key of the best-so-far, record field, which is better) for the validation summary.
+_BEST_VAL = (("loss", "val_loss", min), ("accuracy", "val_accuracy", max), ("r2", "val_r2", max))
 
 
 @dataclass(frozen=True)
@@ -183,9 +186,9 @@ class Trainer:
         record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
         record["step"] = self.step
         record["evaluations"] = float(self._evaluations)
-        for key in _OPTIMIZER_FIELDS:
-            if key in info:
-                record[key] = info[key]
+        for key, value in info.items():
+            if key in _OPTIMIZER_FIELD_SET:
+                record[key] = value
         if train is not None:  # None when diverged: nothing trustworthy to measure
             loss, P = train
             record["train_loss"] = loss
@@ -195,7 +198,7 @@ class Trainer:
             self.net.output_activation(P_val)
             record.update(self._scores("val", P_val, self.data.y_val))
         for key, value in record.items():  # no NaN or inf in a record: None instead
-            if key != "step" and value is not None:
+            if value is not None and key != "step":
                 value = float(value)
                 record[key] = value if math.isfinite(value) else None
         self._track_best(record)
@@ -217,8 +220,8 @@ class Trainer:
 
     def _track_best(self, record: dict[str, Any]) -> None:
         best = self._best_val
-        for key, better in (("loss", min), ("accuracy", max), ("r2", max)):
-            value = record.get(f"val_{key}")
+        for key, field_name, better in _BEST_VAL:
+            value = record.get(field_name)
             if value is not None and math.isfinite(value):
                 best[key] = value if best[key] is None else better(best[key], value)
 

@@ -11,6 +11,7 @@ checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from collections.abc import Iterator
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import DBAPIError
 
 # Imported here, in the worker's main process, so forked children start with NumPy loaded.
 from engine import TrainConfig, Trainer, load_dataset
@@ -55,31 +57,87 @@ def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -
     """Claim ``run_id``, train it and store the result; never raises for a run's own failure."""
     engine = get_engine(settings.database_url)
     worker = worker or worker_identity()
-    with engine.connect() as conn:
-        autocommit = conn.dialect.name == "postgresql"
-        if autocommit:
-            # The claim and a run's final write are single statements there (atomic on their
-            # own): without BEGIN and COMMIT each is one round trip. See _ClaimedRun.transaction.
-            conn.execution_options(isolation_level="AUTOCOMMIT")
-        with conn.begin():
-            claim = claim_run(
-                session=conn,
-                run_id=run_id,
-                worker=worker,
-                stale_seconds=settings.stale_seconds,
-                max_attempts=settings.max_attempts,
-            )
-        if isinstance(claim, Refusal):
-            log.info("run %d: message dropped: %s", run_id, claim.reason)
-            return Outcome(run_id, "dropped", claim.reason)
-        log.info("run %d: claimed by %s (attempt %d)", run_id, worker, claim.attempt)
-        run = _ClaimedRun(claim, settings, conn, autocommit=autocommit)
+    conn = _KEPT.pop((engine, os.getpid()), None)
+    claim: Claim | Refusal | None = None
+    if conn is not None:
         try:
-            return run.train()
-        except Exception:
-            error = traceback.format_exc()
-            log.error("run %d: failed:\n%s", run_id, error)
-            return run.fail(error)
+            claim = _claim(conn, run_id, worker, settings)
+        except DBAPIError as exc:
+            conn.close()
+            if not exc.connection_invalidated:
+                raise
+            conn = None  # the kept connection died (a server restart): claim on a fresh one
+    if conn is None:
+        conn = _connect(engine)
+        try:
+            claim = _claim(conn, run_id, worker, settings)
+        except BaseException:
+            conn.close()
+            raise
+    try:
+        outcome = _run_claimed(claim, conn, settings)
+    except BaseException:
+        conn.close()
+        raise
+    _keep(engine, conn)
+    return outcome
+
+
+def _run_claimed(claim: Claim | Refusal, conn: Connection, settings: Settings) -> Outcome:
+    if isinstance(claim, Refusal):
+        log.info("run %d: message dropped: %s", claim.run_id, claim.reason)
+        return Outcome(claim.run_id, "dropped", claim.reason)
+    log.info("run %d: claimed by %s (attempt %d)", claim.run_id, claim.worker, claim.attempt)
+    run = _ClaimedRun(claim, settings, conn, autocommit=conn.dialect.name == "postgresql")
+    try:
+        return run.train()
+    except Exception:
+        error = traceback.format_exc()
+        log.error("run %d: failed:\n%s", claim.run_id, error)
+        return run.fail(error)
+
+
+def _claim(conn: Connection, run_id: int, worker: str, settings: Settings) -> Claim | Refusal:
+    with conn.begin():
+        return claim_run(
+            session=conn,
+            run_id=run_id,
+            worker=worker,
+            stale_seconds=settings.stale_seconds,
+            max_attempts=settings.max_attempts,
+        )
+
+
+# The connection a worker process runs its runs on, per store, kept from one run to the
+# next: checking one out of the pool first pings the server (pool_pre_ping), a round trip
+# per run. A kept connection found dead at the claim is replaced (see execute_run).
+_KEPT: dict[tuple[Engine, int], Connection] = {}
+
+
+def _connect(engine: Engine) -> Connection:
+    conn = engine.connect()
+    if conn.dialect.name == "postgresql":
+        # The claim and a run's final write are single statements there (atomic on their
+        # own): without BEGIN and COMMIT each is one round trip. See _ClaimedRun.transaction.
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+    return conn
+
+
+def _keep(engine: Engine, conn: Connection) -> None:
+    if conn.invalidated or conn.in_transaction():
+        conn.close()
+        return
+    if not event.contains(engine, "engine_disposed", _drop_kept):
+        event.listen(engine, "engine_disposed", _drop_kept)
+    if _KEPT.setdefault((engine, os.getpid()), conn) is not conn:
+        conn.close()  # another thread of this process kept one first
+
+
+def _drop_kept(engine: Engine) -> None:
+    # Only this process's: a forked child must not close the sockets of its parent's.
+    conn = _KEPT.pop((engine, os.getpid()), None)
+    if conn is not None:
+        conn.close()
 
 
 class _ClaimedRun:
