@@ -221,6 +221,9 @@ def main() -> None:
     args = parser.parse_args()
     runs = args.runs or (300 if args.quick else 2000)
     runs += runs % 2
+    # Other work on the machine slows the runs (CPU-bound: children, PostgreSQL, the
+    # worker's main process) far more than the no-op tasks (bound by the main process).
+    load_before = os.getloadavg()[0]
 
     tmp = Path(tempfile.mkdtemp(prefix="mlpq-bench-"))
     schema = f"mlpq_bench_{uuid.uuid4().hex[:10]}"
@@ -339,6 +342,7 @@ def main() -> None:
                 "fraction_of_noop": round(fraction, 3),
                 "engine_only_per_s": round(engine_bound, 1),
                 "fraction_of_engine_only": round(runs_per_s / engine_bound, 3),
+                "load_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             }
         )
     )
