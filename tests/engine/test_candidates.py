@@ -162,3 +162,25 @@ def test_chunked_passes_give_the_same_losses_and_best(monkeypatch) -> None:
     np.testing.assert_allclose(a, b, rtol=1e-13)
     assert whole.best == chunked.best == int(np.argmin(a))
     np.testing.assert_allclose(whole.best_logits(), chunked.best_logits(), rtol=1e-13)
+
+
+@pytest.mark.parametrize("nan", [[0], [1, 4], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]],
+                         ids=["first", "two-chunks", "whole-first-loss-chunk", "all"])
+def test_nan_candidates_count_as_inf_and_never_hide_the_best(monkeypatch, nan) -> None:
+    import engine.candidates as candidates
+
+    net, X, y, Y, theta, rng = _setup("multiclass", (6,), "relu", n=40)
+    monkeypatch.setattr(candidates, "CHUNK_BYTES", 2 * 6 * 40 * 8)  # two candidates a chunk
+    cands = Candidates(net, X, y, K=7)
+    assert (cands.chunk, cands.loss_chunk) == (2, 4)  # chunks and loss groups both cut
+    cands.propose(theta, 0.5, rng)
+    for k in nan:
+        cands.blocks[0][k, 0, 0] = np.nan
+    losses = cands.losses()
+    assert np.isinf(losses[nan]).all()
+    finite = [k for k in range(7) if k not in nan]
+    point = np.empty_like(theta)
+    for k in finite:
+        cands.take(k, point)
+        assert losses[k] == pytest.approx(net.loss(point, X, Y), rel=1e-12)
+    assert cands.best == (min(finite, key=lambda k: losses[k]) if finite else 0)
