@@ -371,6 +371,7 @@ def main() -> None:
     if threadpool_limits is not None:
         threadpool_limits(1)
     rounds = 3 if args.quick else 7
+    load_before = os.getloadavg()[0]  # other work on a 2-core machine moves these ratios
     print(f"NumPy {np.__version__}; BLAS threads limited to 1; "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')!r} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')!r}")
@@ -380,6 +381,7 @@ def main() -> None:
     result["rw_fraction_of_limit"] = rw["rw_fraction_of_limit_float32_K64"]
     result["rw_fraction_of_limit_float64"] = rw["rw_fraction_of_limit_float64_K64"]
     result["quick"] = args.quick
+    result["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
 
 
