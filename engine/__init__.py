@@ -4,7 +4,7 @@ Imports NumPy only (scikit-learn lazily, inside the loader of its bundled
 datasets). Nothing here knows about Celery, SQL or the CLI.
 """
 
-from engine.config import OPTIMIZERS, TrainConfig
+from engine.config import OPTIMIZER_PARAMS, OPTIMIZERS, TrainConfig
 from engine.datasets import DATASETS, Dataset, csv_name, load_dataset
 from engine.errors import ConfigError
 from engine.functions import ACTIVATIONS, DERIVATIVES, LOSS_FUNCTIONS
@@ -16,6 +16,7 @@ __all__ = [
     "DERIVATIVES",
     "LOSS_FUNCTIONS",
     "OPTIMIZERS",
+    "OPTIMIZER_PARAMS",
     "ConfigError",
     "Dataset",
     "TrainConfig",

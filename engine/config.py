@@ -98,19 +98,21 @@ class TrainConfig:
 
 
 _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_BACKPROP = ("learning_rate", "batch_size", "momentum", "weight_decay", "lr_decay")
-_RANDOM_WALK = (
-    "step_size",
-    "temperature",
-    "cooling",
-    "adapt_step",
-    "target_acceptance",
-    "candidates",
-)
+#: The keys only one optimizer takes, in the order the grid files list them.
+OPTIMIZER_PARAMS: dict[str, tuple[str, ...]] = {
+    "backprop": ("learning_rate", "batch_size", "momentum", "weight_decay", "lr_decay"),
+    "random_walk": (
+        "step_size",
+        "temperature",
+        "cooling",
+        "adapt_step",
+        "target_acceptance",
+        "candidates",
+    ),
+}
 #: The optimizer a key belongs to; common keys are absent.
 _OWNER: dict[str, str] = {
-    **dict.fromkeys(_BACKPROP, "backprop"),
-    **dict.fromkeys(_RANDOM_WALK, "random_walk"),
+    key: optimizer for optimizer, keys in OPTIMIZER_PARAMS.items() for key in keys
 }
 
 

@@ -26,28 +26,14 @@ from pydantic import (
     model_validator,
 )
 
+from engine import OPTIMIZER_PARAMS
+
 # Keys common to both optimizers, grouped as the file groups them.
 MODEL_KEYS: tuple[str, ...] = ("hidden", "activation", "init")
 TRAINING_KEYS: tuple[str, ...] = ("dtype", "val_fraction", "log_every", "target_loss", "patience")
-BACKPROP_KEYS: tuple[str, ...] = (
-    "learning_rate",
-    "batch_size",
-    "momentum",
-    "weight_decay",
-    "lr_decay",
-)
-RANDOM_WALK_KEYS: tuple[str, ...] = (
-    "step_size",
-    "temperature",
-    "cooling",
-    "adapt_step",
-    "target_acceptance",
-    "candidates",
-)
-OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
-    "backprop": BACKPROP_KEYS,
-    "random_walk": RANDOM_WALK_KEYS,
-}
+OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = OPTIMIZER_PARAMS
+BACKPROP_KEYS: tuple[str, ...] = OPTIMIZER_PARAMS["backprop"]
+RANDOM_WALK_KEYS: tuple[str, ...] = OPTIMIZER_PARAMS["random_walk"]
 #: The budget key of each optimizer; both become the engine's ``max_steps``.
 BUDGET_KEY: dict[str, str] = {"backprop": "epochs", "random_walk": "iterations"}
 DISTRIBUTIONS: tuple[str, ...] = ("uniform", "loguniform", "choice")

@@ -589,7 +589,11 @@ def cancel_experiment(
     return CancelResult(cancelled=queued, requested=running)
 
 
-_RESET_RESULT: dict[str, Any] = {
+#: Chunk of run ids per statement (SQLite caps the parameters of one statement).
+ID_CHUNK = 10_000
+
+#: A run put back in the queue to start over: nothing of its earlier attempts remains.
+RESET_TO_QUEUED: dict[str, Any] = {
     "status": RunStatus.queued,
     "published": False,
     "attempt": 0,
@@ -621,15 +625,34 @@ def reset_finished(
         session.execute(
             update(Run)
             .where(Run.experiment_id == experiment_id, Run.status.in_(list(statuses)))
-            .values(_RESET_RESULT)
+            .values(RESET_TO_QUEUED)
             .returning(Run.id)
             .execution_options(synchronize_session=False)
         ).scalars()
     )
-    if ids:
-        session.execute(delete(metrics).where(metrics.c.run_id.in_(ids)))
-        session.execute(delete(Artifact).where(Artifact.run_id.in_(ids)))
+    _delete_results(session, ids)
     return ids
+
+
+def reset_runs(*, session: Session | Connection, run_ids: Sequence[int]) -> None:
+    """Put ``run_ids`` back in the queue to start over (metrics and artifacts deleted)."""
+    ids = list(run_ids)
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start : start + ID_CHUNK]
+        session.execute(
+            update(Run)
+            .where(Run.id.in_(chunk))
+            .values(RESET_TO_QUEUED)
+            .execution_options(synchronize_session=False)
+        )
+    _delete_results(session, ids)
+
+
+def _delete_results(session: Session | Connection, ids: list[int]) -> None:
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start : start + ID_CHUNK]
+        session.execute(delete(metrics).where(metrics.c.run_id.in_(chunk)))
+        session.execute(delete(Artifact.__table__).where(Artifact.__table__.c.run_id.in_(chunk)))
 
 
 @dataclass(frozen=True)

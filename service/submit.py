@@ -30,21 +30,19 @@ from typing import Any
 
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
-from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, func, insert, select, text, update
 
 from service.celery_app import QUEUE, TRAIN_TASK
 from service.exceptions import BrokerError
 from service.grid import Grid, hidden_label
 from service.ingest import store_dataset
 from service.models import (
-    SUMMARY_COLUMNS,
-    Artifact,
     Experiment,
     Run,
     RunStatus,
-    metrics,
     utcnow,
 )
+from service.runs import reset_runs
 
 try:
     import fcntl
@@ -295,22 +293,6 @@ def run_row(experiment_id: int, run: Any, now: Any) -> dict[str, Any]:
     }
 
 
-_RESET: dict[str, Any] = {
-    "status": RunStatus.queued,
-    "published": False,
-    "attempt": 0,
-    "worker": None,
-    "heartbeat_at": None,
-    "started_at": None,
-    "finished_at": None,
-    "cancel_requested": False,
-    "resumed_from_step": None,
-    "stop_reason": None,
-    "error": None,
-    **dict.fromkeys(SUMMARY_COLUMNS),
-}
-
-
 @contextmanager
 def submit_lock(engine: Engine) -> Iterator[None]:
     """Serialize submitters of one store from their first read to their last message.
@@ -459,11 +441,7 @@ def _copy_runs(
 
 def _requeue(conn: Connection, ids: list[int]) -> None:
     # Back to a fresh start: a failed run resumed from its checkpoint would likely fail again.
-    for start in range(0, len(ids), ID_CHUNK):
-        chunk = ids[start : start + ID_CHUNK]
-        conn.execute(update(_RUNS).where(_RUNS.c.id.in_(chunk)).values(_RESET))
-        conn.execute(delete(metrics).where(metrics.c.run_id.in_(chunk)))
-        conn.execute(delete(Artifact.__table__).where(Artifact.__table__.c.run_id.in_(chunk)))
+    reset_runs(session=conn, run_ids=ids)
 
 
 def submit(
