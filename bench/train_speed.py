@@ -88,10 +88,25 @@ def digits_x4() -> tuple[np.ndarray, np.ndarray]:
 
 
 def engine_epoch(X: np.ndarray, y: np.ndarray) -> Callable[[], None]:
-    data = Dataset(X_train=X, y_train=y, X_val=X[:500], y_val=y[:500], task="multiclass",
-                   n_classes=10, name="digits")
-    config = TrainConfig(dataset="digits", optimizer="backprop", hidden=HIDDEN, batch_size=BATCH,
-                         learning_rate=LR, dtype="float32", max_steps=10**6, log_every=10**6)
+    data = Dataset(
+        X_train=X,
+        y_train=y,
+        X_val=X[:500],
+        y_val=y[:500],
+        task="multiclass",
+        n_classes=10,
+        name="digits",
+    )
+    config = TrainConfig(
+        dataset="digits",
+        optimizer="backprop",
+        hidden=HIDDEN,
+        batch_size=BATCH,
+        learning_rate=LR,
+        dtype="float32",
+        max_steps=10**6,
+        log_every=10**6,
+    )
     steps = Trainer(config, data).steps()
     return lambda: next(steps)
 
@@ -100,8 +115,10 @@ def bare_epoch(X: np.ndarray, y: np.ndarray) -> Callable[[], None]:
     """The same epoch as plain NumPy: shuffle, forward, softmax + loss, backward, update."""
     rng = np.random.default_rng(0)
     sizes = [X.shape[1], *HIDDEN, 10]
-    W = [(rng.standard_normal((a, b)) * np.sqrt(2 / a)).astype(np.float32)
-         for a, b in itertools.pairwise(sizes)]
+    W = [
+        (rng.standard_normal((a, b)) * np.sqrt(2 / a)).astype(np.float32)
+        for a, b in itertools.pairwise(sizes)
+    ]
     b = [np.zeros(n, np.float32) for n in sizes[1:]]
     Y = np.eye(10, dtype=np.float32)[y]
 
@@ -132,9 +149,16 @@ def bare_epoch(X: np.ndarray, y: np.ndarray) -> Callable[[], None]:
 def sklearn_epoch(X: np.ndarray, y: np.ndarray) -> Callable[[], None]:
     from sklearn.neural_network import MLPClassifier
 
-    clf = MLPClassifier(hidden_layer_sizes=HIDDEN, solver="sgd", batch_size=BATCH,
-                        learning_rate_init=LR, momentum=0.0, alpha=0.0, shuffle=True,
-                        random_state=0)
+    clf = MLPClassifier(
+        hidden_layer_sizes=HIDDEN,
+        solver="sgd",
+        batch_size=BATCH,
+        learning_rate_init=LR,
+        momentum=0.0,
+        alpha=0.0,
+        shuffle=True,
+        random_state=0,
+    )
     warnings.simplefilter("ignore")
     clf.partial_fit(X, y, classes=np.arange(10))  # allocate; later calls are one epoch each
     return lambda: clf.partial_fit(X, y)
@@ -148,8 +172,10 @@ def torch_epoch(X: np.ndarray, y: np.ndarray) -> Callable[[], None] | None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(64, HIDDEN[0]), torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN[0], HIDDEN[1]), torch.nn.ReLU(),
+        torch.nn.Linear(64, HIDDEN[0]),
+        torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN[0], HIDDEN[1]),
+        torch.nn.ReLU(),
         torch.nn.Linear(HIDDEN[1], 10),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -206,8 +232,10 @@ def bench_backprop(rounds: int) -> dict[str, float | None]:
         contenders["PyTorch (CPU)"] = torch_run
     times = best_of(rounds, contenders)
     ours = times["engine"]
-    print(f"\nBackprop: one epoch, digits x4 ({len(X)} samples), 64-256-128-10 ReLU, "
-          f"batch {BATCH}, float32, 1 thread (best of {rounds})")
+    print(
+        f"\nBackprop: one epoch, digits x4 ({len(X)} samples), 64-256-128-10 ReLU, "
+        f"batch {BATCH}, float32, 1 thread (best of {rounds})"
+    )
     print(f"  {'':30s} {'seconds':>9s} {'engine / this':>14s}")
     for name, seconds in times.items():
         print(f"  {name:30s} {seconds:9.4f} {ours / seconds:14.2f}")
@@ -289,8 +317,15 @@ def rw_rates(dtype: str, K: int, iterations: int, rounds: int) -> dict[str, floa
     data = load_dataset("digits", seed=0, dtype=dtype)
     X = data.X_train
     n = len(X)
-    config = TrainConfig(dataset="digits", optimizer="random_walk", hidden=(32,), dtype=dtype,
-                         candidates=K, max_steps=10**7, log_every=10**7)
+    config = TrainConfig(
+        dataset="digits",
+        optimizer="random_walk",
+        hidden=(32,),
+        dtype=dtype,
+        candidates=K,
+        max_steps=10**7,
+        log_every=10**7,
+    )
     trainer = Trainer(config, data)
     steps = trainer.steps()
     for _ in range(20):  # leave the initial point
@@ -308,8 +343,7 @@ def rw_rates(dtype: str, K: int, iterations: int, rounds: int) -> dict[str, floa
         for s in range(0, K, c):
             e = min(s + c, K)
             h = hidden[: e - s]
-            np.matmul(b0[s:e].reshape((e - s) * 33, -1), cands.XT,
-                      out=h.reshape((e - s) * 33, n))
+            np.matmul(b0[s:e].reshape((e - s) * 33, -1), cands.XT, out=h.reshape((e - s) * 33, n))
             np.matmul(b1[s:e], h, out=Z[: e - s])
 
     strategies["the engine's own (bias rows included)"] = engine_gemms
@@ -318,6 +352,7 @@ def rw_rates(dtype: str, K: int, iterations: int, rounds: int) -> dict[str, floa
         def timed() -> None:
             for _ in range(iterations):
                 run()
+
         return timed
 
     # Pick the fastest arrangements in a short trial, then time them with the engine,
@@ -341,22 +376,29 @@ def rw_rates(dtype: str, K: int, iterations: int, rounds: int) -> dict[str, floa
 
 
 def bench_random_walk(rounds: int, iterations: int) -> dict[str, float | str]:
-    print(f"\nRandom walk: digits (1437 training samples), 64-32-10 ReLU, full batch, 1 thread "
-          f"(best of {rounds})")
-    print(f"  {'dtype':8s} {'K':>4s} {'engine eval/s':>14s} {'GEMM limit':>11s} {'fraction':>9s} "
-          f"{'per-pass GEMMs':>15s} {'engine GEMMs':>13s}  limit's arrangement")
+    print(
+        f"\nRandom walk: digits (1437 training samples), 64-32-10 ReLU, full batch, 1 thread "
+        f"(best of {rounds})"
+    )
+    print(
+        f"  {'dtype':8s} {'K':>4s} {'engine eval/s':>14s} {'GEMM limit':>11s} {'fraction':>9s} "
+        f"{'per-pass GEMMs':>15s} {'engine GEMMs':>13s}  limit's arrangement"
+    )
     out: dict[str, float | str] = {}
     for dtype in ("float32", "float64"):
         for K in (1, 16, 64):
             rates = rw_rates(dtype, K, max(2, iterations // K), rounds)
             fraction = rates["engine"] / rates["limit"]
-            print(f"  {dtype:8s} {K:4d} {rates['engine']:14.0f} {rates['limit']:11.0f} "
-                  f"{fraction:9.2f} {rates['per_pass']:15.0f} {rates['engine_gemms']:13.0f}  "
-                  f"{rates['limit_strategy']}")
+            print(
+                f"  {dtype:8s} {K:4d} {rates['engine']:14.0f} {rates['limit']:11.0f} "
+                f"{fraction:9.2f} {rates['per_pass']:15.0f} {rates['engine_gemms']:13.0f}  "
+                f"{rates['limit_strategy']}"
+            )
             out[f"rw_fraction_of_limit_{dtype}_K{K}"] = fraction
             out[f"rw_fraction_of_per_pass_gemms_{dtype}_K{K}"] = rates["engine"] / rates["per_pass"]
             out[f"rw_fraction_of_engine_gemms_{dtype}_K{K}"] = (
-                rates["engine"] / rates["engine_gemms"])
+                rates["engine"] / rates["engine_gemms"]
+            )
             out[f"rw_limit_strategy_{dtype}_K{K}"] = rates["limit_strategy"]
     print("  fraction = engine / GEMM limit (evaluations per second), the limit being the fastest")
     print("  arrangement of the same forward passes' matrix products alone (see gemm_strategies).")
@@ -372,9 +414,11 @@ def main() -> None:
         threadpool_limits(1)
     rounds = 3 if args.quick else 7
     load_before = os.getloadavg()[0]  # other work on a 2-core machine moves these ratios
-    print(f"NumPy {np.__version__}; BLAS threads limited to 1; "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')!r} "
-          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')!r}")
+    print(
+        f"NumPy {np.__version__}; BLAS threads limited to 1; "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')!r} "
+        f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')!r}"
+    )
     result = bench_backprop(rounds)
     rw = bench_random_walk(rounds + 2, iterations=256 if args.quick else 512)
     result.update(rw)

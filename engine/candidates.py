@@ -84,8 +84,9 @@ class Candidates:
         # (On digits, 64-32-10, that is 4 candidates, measured about 5% faster per
         # candidate than 11 (the earlier 2 MB rule), 2, 6 or 8, in float32 and float64.)
         widest = max(units[1:-1], default=units[-1])
-        self.chunk = max(1, min(K, -(-CHUNK_ROWS // (widest + 1)),
-                                CHUNK_BYTES // (widest * n * dt.itemsize)))
+        self.chunk = max(
+            1, min(K, -(-CHUNK_ROWS // (widest + 1)), CHUNK_BYTES // (widest * n * dt.itemsize))
+        )
         self.hidden = [np.empty((self.chunk, u + 1, n), dtype=dt) for u in units[1:-1]]
         self._ones_kept = self.net.activation in ("relu", "leaky_relu", "identity")  # f(1) == 1
         # ReLU as ``maximum(h, zeros)`` with a zeros array of a candidate's shape: NumPy's
@@ -93,7 +94,8 @@ class Candidates:
         # scalar operand (``maximum(h, 0)``), and the result is the same.
         self._relu_zeros = (
             [np.zeros((u + 1, n), dtype=dt) for u in units[1:-1]]
-            if self.net.activation == "relu" else None
+            if self.net.activation == "relu"
+            else None
         )
         self.loss_chunk = min(K, self.chunk * LOSS_GROUP)
         self.Z = np.empty((self.loss_chunk, units[-1], n), dtype=dt)  # a loss chunk's logits
@@ -193,8 +195,9 @@ class Candidates:
                     out = self.hidden[i][:f] if i < last else self.Z[first - start : stop - start]
                     if i == 0:  # the first layer of the whole chunk in one product
                         rows = block.shape[1]
-                        layers.append((block.reshape(f * rows, -1), a,
-                                       out.reshape(f * rows, n), out))
+                        layers.append(
+                            (block.reshape(f * rows, -1), a, out.reshape(f * rows, n), out)
+                        )
                     else:
                         layers.append((block, a, out, out))
                     a = out
@@ -202,8 +205,13 @@ class Candidates:
             Z = self.Z[:c]
             sums = self._sums[:c]
             if self.task == "multiclass":
-                loss_views = (self._per_sample[:c], Z.reshape(c, -1), self._true[:c],
-                              self._true[:c, None, :], self._exp[:c])
+                loss_views = (
+                    self._per_sample[:c],
+                    Z.reshape(c, -1),
+                    self._true[:c],
+                    self._true[:c, None, :],
+                    self._exp[:c],
+                )
             else:
                 loss_views = (self._per_sample[:c], Z[:, 0, :])
             plan.append((start, passes, Z, sums, loss_views))
@@ -222,8 +230,9 @@ class Candidates:
                 if not self._ones_kept:
                     out[:, -1, :] = 1
 
-    def _loss_sums(self, Z: np.ndarray, sums: np.ndarray, per_sample: np.ndarray,
-                   *views: np.ndarray) -> None:
+    def _loss_sums(
+        self, Z: np.ndarray, sums: np.ndarray, per_sample: np.ndarray, *views: np.ndarray
+    ) -> None:
         """Sum over samples of each candidate's loss, from the logits ``Z``, into ``sums``."""
         if self.task == "regression":
             np.subtract(views[0], self._target, out=per_sample)

@@ -136,8 +136,13 @@ def _integer(key: str, value: Any) -> int:
     return int(value)
 
 
-def _ranged(kind: Check, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False, hi_open: bool = False) -> Check:
+def _ranged(
+    kind: Check,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> Check:
     def check(key: str, given: Any) -> Any:
         value = kind(key, given)
         if lo is not None and (value <= lo if lo_open else value < lo):

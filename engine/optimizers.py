@@ -47,8 +47,15 @@ class Optimizer(ABC):
     #: Training-set passes one step costs (the unit of ``evaluations``).
     passes_per_step: int = 1
 
-    def __init__(self, config, net: Network, X: np.ndarray, Y: np.ndarray,
-                 theta0: np.ndarray, rng: np.random.Generator) -> None:
+    def __init__(
+        self,
+        config,
+        net: Network,
+        X: np.ndarray,
+        Y: np.ndarray,
+        theta0: np.ndarray,
+        rng: np.random.Generator,
+    ) -> None:
         self.config = config
         self.net = net
         self.X = X

@@ -37,9 +37,16 @@ def test_weights_equal_sklearn_after_every_epoch(
     dataset, hidden, activation, batch_size, momentum, weight_decay
 ) -> None:
     config = TrainConfig(
-        dataset=dataset, optimizer="backprop", hidden=hidden, activation=activation,
-        learning_rate=0.05, batch_size=batch_size, momentum=momentum,
-        weight_decay=weight_decay, max_steps=EPOCHS, seed=7,
+        dataset=dataset,
+        optimizer="backprop",
+        hidden=hidden,
+        activation=activation,
+        learning_rate=0.05,
+        batch_size=batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        max_steps=EPOCHS,
+        seed=7,
     )
     data = load_dataset(dataset, seed=7)
     trainer = Trainer(config, data)
@@ -48,10 +55,18 @@ def test_weights_equal_sklearn_after_every_epoch(
     X, y = data.X_train, data.y_train
     n = len(X)
     common = dict(
-        hidden_layer_sizes=hidden, activation=SKLEARN_ACTIVATION[activation], solver="sgd",
-        learning_rate_init=0.05, learning_rate="constant", batch_size=batch_size or n,
-        momentum=momentum, nesterovs_momentum=False, alpha=weight_decay, shuffle=False,
-        max_iter=1, random_state=0,
+        hidden_layer_sizes=hidden,
+        activation=SKLEARN_ACTIVATION[activation],
+        solver="sgd",
+        learning_rate_init=0.05,
+        learning_rate="constant",
+        batch_size=batch_size or n,
+        momentum=momentum,
+        nesterovs_momentum=False,
+        alpha=weight_decay,
+        shuffle=False,
+        max_iter=1,
+        random_state=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -49,8 +49,9 @@ def test_batched_losses_equal_the_networks_loss(task, activation, hidden) -> Non
     # the best candidate is known, with its logits, which give the network's outputs
     assert cands.best == int(np.argmin(losses))
     cands.take(cands.best, point)
-    np.testing.assert_allclose(cands.outputs(cands.best_logits()), net.predict(point, X),
-                               rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(
+        cands.outputs(cands.best_logits()), net.predict(point, X), rtol=1e-10, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("task", ["multiclass", "binary"])
@@ -99,7 +100,7 @@ def test_normal_source_draws_standard_normals(dtype) -> None:
     assert out.dtype == dtype
     z = out.astype(np.float64) / 2.0
     # pairs (r cos t, r sin t) are independent: the two halves are uncorrelated
-    assert abs(np.corrcoef(z[: 100_000], z[100_000:])[0, 1]) < 0.01
+    assert abs(np.corrcoef(z[:100_000], z[100_000:])[0, 1]) < 0.01
     assert abs(z.mean()) < 0.01 and abs(z.var() - 1) < 0.01
     assert abs(np.mean(z**4) - 3) < 0.05  # kurtosis of a normal
     # Kolmogorov-Smirnov distance to the normal CDF
@@ -164,8 +165,11 @@ def test_chunked_passes_give_the_same_losses_and_best(monkeypatch) -> None:
     np.testing.assert_allclose(whole.best_logits(), chunked.best_logits(), rtol=1e-13)
 
 
-@pytest.mark.parametrize("nan", [[0], [1, 4], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]],
-                         ids=["first", "two-chunks", "whole-first-loss-chunk", "all"])
+@pytest.mark.parametrize(
+    "nan",
+    [[0], [1, 4], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]],
+    ids=["first", "two-chunks", "whole-first-loss-chunk", "all"],
+)
 def test_nan_candidates_count_as_inf_and_never_hide_the_best(monkeypatch, nan) -> None:
     import engine.candidates as candidates
 

@@ -17,11 +17,26 @@ def test_defaults_fill_in_and_to_dict_keeps_only_the_optimizers_keys() -> None:
     c = TrainConfig.from_dict({"dataset": "moons", "optimizer": "random_walk"})
     d = c.to_dict()
     assert d == {
-        "dataset": "moons", "target": None, "task": None, "hidden": [32], "activation": "relu",
-        "optimizer": "random_walk", "seed": 0, "max_steps": 100, "dtype": "float64",
-        "val_fraction": 0.2, "log_every": 1, "init": "auto", "target_loss": None,
-        "patience": None, "step_size": 0.05, "temperature": 0.0, "cooling": 1.0,
-        "adapt_step": False, "target_acceptance": 0.25, "candidates": 1,
+        "dataset": "moons",
+        "target": None,
+        "task": None,
+        "hidden": [32],
+        "activation": "relu",
+        "optimizer": "random_walk",
+        "seed": 0,
+        "max_steps": 100,
+        "dtype": "float64",
+        "val_fraction": 0.2,
+        "log_every": 1,
+        "init": "auto",
+        "target_loss": None,
+        "patience": None,
+        "step_size": 0.05,
+        "temperature": 0.0,
+        "cooling": 1.0,
+        "adapt_step": False,
+        "target_acceptance": 0.25,
+        "candidates": 1,
     }
     b = TrainConfig.from_dict({"dataset": "moons", "optimizer": "backprop"}).to_dict()
     assert {"learning_rate", "batch_size", "momentum", "weight_decay", "lr_decay"} <= set(b)
@@ -33,8 +48,13 @@ def test_lists_ints_for_floats_and_numpy_ints_are_normalized() -> None:
     import numpy as np
 
     c = TrainConfig.from_dict(
-        {"dataset": "iris", "optimizer": "backprop", "hidden": [8, np.int64(4)],
-         "learning_rate": 1, "max_steps": np.int32(5)}
+        {
+            "dataset": "iris",
+            "optimizer": "backprop",
+            "hidden": [8, np.int64(4)],
+            "learning_rate": 1,
+            "max_steps": np.int32(5),
+        }
     )
     assert c.hidden == (8, 4) and type(c.hidden[1]) is int
     assert c.learning_rate == 1.0 and type(c.learning_rate) is float

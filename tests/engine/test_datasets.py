@@ -86,15 +86,21 @@ def test_backprop_and_random_walk_share_split_and_initial_weights() -> None:
     data = load_dataset("spirals", seed=11)
     bp = Trainer(TrainConfig(dataset="spirals", optimizer="backprop", seed=11), data)
     rw = Trainer(TrainConfig(dataset="spirals", optimizer="random_walk", seed=11), data)
-    for a, b in zip(bp.parameters()[0] + bp.parameters()[1],
-                    rw.parameters()[0] + rw.parameters()[1], strict=True):
+    for a, b in zip(
+        bp.parameters()[0] + bp.parameters()[1],
+        rw.parameters()[0] + rw.parameters()[1],
+        strict=True,
+    ):
         np.testing.assert_array_equal(a, b)
-    other = Trainer(TrainConfig(dataset="spirals", optimizer="backprop", seed=12),
-                    load_dataset("spirals", seed=12))
+    other = Trainer(
+        TrainConfig(dataset="spirals", optimizer="backprop", seed=12),
+        load_dataset("spirals", seed=12),
+    )
     assert not np.array_equal(bp.parameters()[0][0], other.parameters()[0][0])
 
 
 # -- user CSVs ------------------------------------------------------------------------------------
+
 
 def _csv(text: str) -> tuple[str, bytes]:
     data = text.encode()

@@ -10,9 +10,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 BLOCKED = (
-    "celery", "kombu", "sqlalchemy", "alembic", "psycopg", "typer", "click", "redis",
-    "rich", "pydantic", "pydantic_settings", "yaml", "service", "worker", "cli", "migrations",
-    "sklearn", "scipy",
+    "celery",
+    "kombu",
+    "sqlalchemy",
+    "alembic",
+    "psycopg",
+    "typer",
+    "click",
+    "redis",
+    "rich",
+    "pydantic",
+    "pydantic_settings",
+    "yaml",
+    "service",
+    "worker",
+    "cli",
+    "migrations",
+    "sklearn",
+    "scipy",
 )
 
 

@@ -152,8 +152,9 @@ def test_derivatives_from_the_output_match_numeric_derivatives(Z) -> None:
         numeric = (up - down) / (2 * h)
         # kinks (relu, leaky_relu at 0) have no derivative; skip points near them
         smooth = np.abs(Z) > 1e-4
-        np.testing.assert_allclose(delta[smooth], numeric[smooth], rtol=1e-5, atol=1e-8,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            delta[smooth], numeric[smooth], rtol=1e-5, atol=1e-8, err_msg=name
+        )
 
 
 @settings(max_examples=50, deadline=None)
@@ -224,8 +225,10 @@ def test_float32_and_float64_start_from_the_same_point() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(Z=arrays(np.float64, (6, 4), elements=st.floats(-300, 300, allow_subnormal=False)),
-       task=st.sampled_from(TASKS))
+@given(
+    Z=arrays(np.float64, (6, 4), elements=st.floats(-300, 300, allow_subnormal=False)),
+    task=st.sampled_from(TASKS),
+)
 def test_loss_and_output_equal_the_loss_then_the_output_activation(Z, task) -> None:
     from engine.functions import LOSS_AND_OUTPUT, OUTPUT_ACTIVATIONS
 

@@ -60,8 +60,12 @@ def test_records_have_exactly_the_metric_fields(optimizer, dataset) -> None:
 
 @pytest.mark.parametrize(
     ("optimizer", "extra", "per_step"),
-    [("backprop", {"batch_size": 16}, 1), ("backprop", {}, 1),
-     ("random_walk", {"candidates": 5}, 5), ("random_walk", {}, 1)],
+    [
+        ("backprop", {"batch_size": 16}, 1),
+        ("backprop", {}, 1),
+        ("random_walk", {"candidates": 5}, 5),
+        ("random_walk", {}, 1),
+    ],
 )
 def test_evaluations_count_training_set_passes_from_one(optimizer, extra, per_step) -> None:
     config = TrainConfig(dataset="xor", optimizer=optimizer, max_steps=6, **extra)
@@ -79,12 +83,14 @@ def test_log_every_yields_none_between_records_and_always_logs_the_last_step() -
 
 
 def test_learning_rate_decay_and_temperature_schedule_are_reported() -> None:
-    config = TrainConfig(dataset="xor", optimizer="backprop", max_steps=3, learning_rate=0.3,
-                         lr_decay=0.5)
+    config = TrainConfig(
+        dataset="xor", optimizer="backprop", max_steps=3, learning_rate=0.3, lr_decay=0.5
+    )
     _, records = _run(config)
     assert [r["learning_rate"] for r in records] == [0.3, 0.3 / 1.5, 0.3 / 2.0]
-    config = TrainConfig(dataset="xor", optimizer="random_walk", max_steps=3, temperature=2.0,
-                         cooling=0.5)
+    config = TrainConfig(
+        dataset="xor", optimizer="random_walk", max_steps=3, temperature=2.0, cooling=0.5
+    )
     _, records = _run(config)
     assert [r["temperature"] for r in records] == [2.0, 1.0, 0.5]
 
@@ -92,18 +98,55 @@ def test_learning_rate_decay_and_temperature_schedule_are_reported() -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        TrainConfig(dataset="spirals", optimizer="backprop", hidden=(16, 8), batch_size=32,
-                    momentum=0.9, weight_decay=1e-3, lr_decay=0.1, max_steps=12,
-                    learning_rate=0.05, seed=4),
-        TrainConfig(dataset="sine", optimizer="backprop", hidden=(8,), activation="tanh",
-                    max_steps=12, seed=1, dtype="float32"),
-        TrainConfig(dataset="moons", optimizer="random_walk", hidden=(8,), candidates=4,
-                    temperature=0.05, cooling=0.9, adapt_step=True, max_steps=12, seed=2),
-        TrainConfig(dataset="iris", optimizer="random_walk", hidden=(), step_size=0.2,
-                    patience=1000, max_steps=12, dtype="float32", log_every=5),
+        TrainConfig(
+            dataset="spirals",
+            optimizer="backprop",
+            hidden=(16, 8),
+            batch_size=32,
+            momentum=0.9,
+            weight_decay=1e-3,
+            lr_decay=0.1,
+            max_steps=12,
+            learning_rate=0.05,
+            seed=4,
+        ),
+        TrainConfig(
+            dataset="sine",
+            optimizer="backprop",
+            hidden=(8,),
+            activation="tanh",
+            max_steps=12,
+            seed=1,
+            dtype="float32",
+        ),
+        TrainConfig(
+            dataset="moons",
+            optimizer="random_walk",
+            hidden=(8,),
+            candidates=4,
+            temperature=0.05,
+            cooling=0.9,
+            adapt_step=True,
+            max_steps=12,
+            seed=2,
+        ),
+        TrainConfig(
+            dataset="iris",
+            optimizer="random_walk",
+            hidden=(),
+            step_size=0.2,
+            patience=1000,
+            max_steps=12,
+            dtype="float32",
+            log_every=5,
+        ),
     ],
-    ids=["backprop-minibatch-momentum", "backprop-fullbatch-f32", "rw-candidates-annealing",
-         "rw-no-hidden-f32"],
+    ids=[
+        "backprop-minibatch-momentum",
+        "backprop-fullbatch-f32",
+        "rw-candidates-annealing",
+        "rw-no-hidden-f32",
+    ],
 )
 def test_resume_from_any_step_is_bitwise_the_uninterrupted_run(config) -> None:
     full_trainer, full = _run(config)
@@ -149,8 +192,15 @@ def test_resume_chains_and_elapsed_carries_over() -> None:
 
 
 def test_same_config_and_seed_give_bitwise_identical_runs() -> None:
-    config = TrainConfig(dataset="digits", optimizer="backprop", hidden=(16,), batch_size=50,
-                         max_steps=3, dtype="float32", seed=9)
+    config = TrainConfig(
+        dataset="digits",
+        optimizer="backprop",
+        hidden=(16,),
+        batch_size=50,
+        max_steps=3,
+        dtype="float32",
+        seed=9,
+    )
     a_trainer, a = _run(config)
     b_trainer, b = _run(config)
     assert _without_elapsed(a) == _without_elapsed(b)
@@ -168,8 +218,14 @@ def test_checkpoint_of_another_config_is_refused() -> None:
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_finite_weights() -> None:
-    config = TrainConfig(dataset="sine", optimizer="backprop", hidden=(64, 64),
-                         learning_rate=1e3, max_steps=50, activation="identity")
+    config = TrainConfig(
+        dataset="sine",
+        optimizer="backprop",
+        hidden=(64, 64),
+        learning_rate=1e3,
+        max_steps=50,
+        activation="identity",
+    )
     trainer, records = _run(config)
     result = trainer.result()
     assert (result.outcome, result.stop_reason) == ("diverged", "diverged")
@@ -193,8 +249,13 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_weights() -> None:
 
 
 def test_a_non_finite_loss_at_the_last_step_is_divergence_too() -> None:
-    base = dict(dataset="sine", optimizer="backprop", hidden=(64, 64), learning_rate=1e3,
-                activation="identity")
+    base = dict(
+        dataset="sine",
+        optimizer="backprop",
+        hidden=(64, 64),
+        learning_rate=1e3,
+        activation="identity",
+    )
     probe, records = _run(TrainConfig(**base, max_steps=50))
     k = probe.step  # the optimizer found the non-finite loss in step k ...
     assert records[k - 2]["train_loss"] is None  # ... of the parameters step k - 1 produced
@@ -212,8 +273,14 @@ def test_a_non_finite_loss_at_the_last_step_is_divergence_too() -> None:
 
 
 def test_target_loss_and_patience_stop_the_run() -> None:
-    config = TrainConfig(dataset="xor", optimizer="backprop", learning_rate=0.5, max_steps=500,
-                         target_loss=0.05, log_every=1000)
+    config = TrainConfig(
+        dataset="xor",
+        optimizer="backprop",
+        learning_rate=0.5,
+        max_steps=500,
+        target_loss=0.05,
+        log_every=1000,
+    )
     trainer, records = _run(config)
     result = trainer.result()
     assert result.stop_reason == "target_loss" and result.outcome == "succeeded"
@@ -221,8 +288,9 @@ def test_target_loss_and_patience_stop_the_run() -> None:
     assert trainer.step < 500
     assert all(r is None for r in records[:-1])  # stopping step is logged even off-schedule
     # random walk at T=0 with a tiny sigma: soon three proposals in a row fail to improve
-    config = TrainConfig(dataset="circles", optimizer="random_walk", step_size=1e-6,
-                         max_steps=500, patience=3)
+    config = TrainConfig(
+        dataset="circles", optimizer="random_walk", step_size=1e-6, max_steps=500, patience=3
+    )
     trainer, records = _run(config)
     assert trainer.result().stop_reason == "patience"
     assert trainer.step < 500
@@ -240,8 +308,9 @@ def test_breaking_off_gives_a_stopped_result_and_steps_can_continue() -> None:
 
 
 def test_weights_npz_loads_without_pickle_and_carries_the_config() -> None:
-    config = TrainConfig(dataset="iris", optimizer="backprop", hidden=(5, 4), max_steps=2,
-                         dtype="float32")
+    config = TrainConfig(
+        dataset="iris", optimizer="backprop", hidden=(5, 4), max_steps=2, dtype="float32"
+    )
     trainer, _ = _run(config)
     blob = trainer.result().weights
     with np.load(io.BytesIO(blob), allow_pickle=False) as z:
@@ -257,8 +326,15 @@ def test_weights_npz_loads_without_pickle_and_carries_the_config() -> None:
 
 
 def test_random_walk_returns_the_best_point_seen() -> None:
-    config = TrainConfig(dataset="moons", optimizer="random_walk", hidden=(8,), max_steps=60,
-                         temperature=0.5, step_size=0.3, seed=3)
+    config = TrainConfig(
+        dataset="moons",
+        optimizer="random_walk",
+        hidden=(8,),
+        max_steps=60,
+        temperature=0.5,
+        step_size=0.3,
+        seed=3,
+    )
     trainer, records = _run(config)
     result = trainer.result()
     best_train = min(r["train_loss"] for r in records)
@@ -273,9 +349,17 @@ def test_summary_fields() -> None:
     trainer, records = _run(config)
     summary = trainer.result().summary
     assert set(summary) == {
-        "final_train_loss", "final_val_loss", "best_val_loss", "final_train_accuracy",
-        "final_val_accuracy", "best_val_accuracy", "final_val_r2", "best_val_r2",
-        "iterations", "evaluations", "wall_seconds",
+        "final_train_loss",
+        "final_val_loss",
+        "best_val_loss",
+        "final_train_accuracy",
+        "final_val_accuracy",
+        "best_val_accuracy",
+        "final_val_r2",
+        "best_val_r2",
+        "iterations",
+        "evaluations",
+        "wall_seconds",
     }
     assert summary["final_train_accuracy"] is None and summary["best_val_accuracy"] is None
     assert summary["final_val_r2"] == records[-1]["val_r2"]
