@@ -66,6 +66,8 @@ def _by_status(row: Mapping[str, Any]) -> str:
             color = _STATUS_COLORS.get(status)
             part = f"{row[status]} {status}"
             parts.append(f"[{color}]{part}[/{color}]" if color else part)
+    if row.get("unsent"):
+        parts.append(f"[red]{row['unsent']} queued but unsent (mlpq retry sends them)[/red]")
     return ", ".join(parts) or "no runs"
 
 

@@ -74,6 +74,8 @@ SELECT
     e.name AS experiment,
     COUNT(r.id) AS runs,
     SUM(CASE WHEN r.status = 'queued' THEN 1 ELSE 0 END) AS queued,
+    -- queued runs whose message never reached the broker (mlpq retry sends them)
+    SUM(CASE WHEN r.status = 'queued' AND NOT r.published THEN 1 ELSE 0 END) AS unsent,
     SUM(CASE WHEN r.status = 'running' THEN 1 ELSE 0 END) AS running,
     SUM(CASE WHEN r.status = 'succeeded' THEN 1 ELSE 0 END) AS succeeded,
     SUM(CASE WHEN r.status = 'failed' THEN 1 ELSE 0 END) AS failed,

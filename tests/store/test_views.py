@@ -139,6 +139,22 @@ def test_experiment_progress_counts_runs_by_status(store_engine: Engine) -> None
     assert grid["best_val_loss"] == pytest.approx(1.25 / 6)  # finished grid runs: i = 2..5
 
 
+def test_experiment_progress_counts_queued_runs_never_sent(store_engine: Engine) -> None:
+    fill(store_engine)
+    (grid,) = [r for r in experiment_progress(store_engine) if r["experiment"] == "grid"]
+    assert grid["queued"] == 2 and grid["unsent"] == 2  # fill() publishes nothing
+    with store_engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE runs SET published = :yes WHERE id = "
+                "(SELECT min(id) FROM runs WHERE status = 'queued')"
+            ),
+            {"yes": True},
+        )
+    (grid,) = [r for r in experiment_progress(store_engine) if r["experiment"] == "grid"]
+    assert grid["queued"] == 2 and grid["unsent"] == 1
+
+
 def test_leaderboard_ranks_accuracy_descending_losses_ascending_and_skips_nulls(
     store_engine: Engine,
 ) -> None:
