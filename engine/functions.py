@@ -275,6 +275,43 @@ def _then_activate(task: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     return loss_and_activate
 
 
+class BinaryLossAndOutput:
+    """``LOSS_AND_OUTPUT["binary"]`` for one fixed target column, buffers allocated once.
+
+    ``f(Z)`` returns ``binary_log_loss(Y, Z)`` (the same operations, so the same
+    bits) and applies ``inplace_logistic`` to ``Z``; ``accuracy(P)`` is the share
+    of rows where ``P > 0.5`` matches ``Y``. The caller silences overflow in
+    ``exp`` (``np.errstate``), as the trainer's loop does.
+    """
+
+    def __init__(self, Y: np.ndarray) -> None:
+        self.n = Y.shape[0]
+        self._sign = 1 - 2 * Y
+        self._s = np.empty_like(Y)
+        self._hit = np.empty(Y.shape, dtype=bool)
+        self._truth = Y == 1
+        self._floor = EXP_FLOOR[Y.dtype]
+        self._low, self._high = LOSS_CLIP[Y.dtype]
+
+    def __call__(self, Z: np.ndarray) -> np.ndarray:
+        s = self._s
+        np.multiply(Z, self._sign, out=s)
+        np.maximum(s, self._floor, out=s)
+        np.exp(s, out=s)
+        np.log1p(s, out=s)
+        np.maximum(s, self._low, out=s)
+        np.minimum(s, self._high, out=s)
+        value = np.add.reduce(s, axis=(-2, -1)) / self.n
+        inplace_logistic(Z)
+        return value
+
+    def accuracy(self, P: np.ndarray) -> float:
+        hit = self._hit
+        np.greater(P, 0.5, out=hit)
+        np.equal(hit, self._truth, out=hit)
+        return int(np.count_nonzero(hit)) / self.n
+
+
 LOSS_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "multiclass": log_loss,
     "binary": binary_log_loss,

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from engine.candidates import Candidates
+from engine.functions import BinaryLossAndOutput
 from engine.network import Backprop, Forward, Network
 
 #: Random walk with adapt_step: log(sigma) moves by this times (accepted - target)
@@ -134,6 +135,14 @@ class BackpropOptimizer(Optimizer):
         self._eval = self._bp if self.full_batch else Forward(net, self.theta, n)
         # (data loss, objective, probabilities) of the last train_eval at theta
         self._evaluated: tuple[float, float, np.ndarray] | None = None
+        # The training set's loss and output activation (binary: buffers of its own).
+        if net.task == "binary":
+            self._loss_and_output = BinaryLossAndOutput(Y)
+        else:
+            self._loss_and_output = lambda P: net.loss_and_output(Y, P)
+        self._zeros = np.zeros_like(self.theta)
+        # sqrt in the parameters' dtype (math.sqrt is float64's, without a NumPy call)
+        self._sqrt = math.sqrt if self.theta.dtype == np.float64 else _float_sqrt
         #: The sample order of the last epoch (None in full-batch mode).
         self.order: np.ndarray | None = None
         if not self.full_batch:
@@ -151,7 +160,7 @@ class BackpropOptimizer(Optimizer):
     def train_eval(self) -> tuple[float, np.ndarray]:
         if self._evaluated is None:
             P = self._eval.forward(self.X)
-            data_loss = float(self.net.loss_and_output(self.Y, P))
+            data_loss = float(self._loss_and_output(P))
             self._evaluated = (data_loss, data_loss + self._bp.l2_term(self.X.shape[0]), P)
         return self._evaluated[1:]
 
@@ -162,32 +171,30 @@ class BackpropOptimizer(Optimizer):
         np.copyto(self._start_of_step, theta)
         reuse = self._evaluated[0] if self.full_batch and self._evaluated is not None else None
         self._evaluated = None
+        backprop = self._bp.backprop
+        loss, grad_norm = 0.0, None
         if self.full_batch:
-            batches = [(self.X, self.Y)]
+            batches: list[tuple[np.ndarray, np.ndarray]] = []
+            loss = backprop(self.X, self.Y, reuse, lr)[0]  # grad = lr * dE/dtheta
+            if math.isfinite(loss):
+                grad_norm = self._sqrt(np.dot(grad, grad)) / lr
+                _update(theta, grad, velocity, momentum)
         else:
             order = self.rng.permutation(self.X.shape[0])
             self.order = order
             np.take(self.X, order, axis=0, out=self._Xs, mode="clip")
             np.take(self.Y, order, axis=0, out=self._Ys, mode="clip")
             batches = self._batches
-        backprop = self._bp.backprop
         last = len(batches) - 1
-        loss, grad_norm = 0.0, None
         for i, (xb, yb) in enumerate(batches):
-            loss = backprop(xb, yb, reuse, lr)[0]  # grad = lr * dE/dtheta
-            reuse = None
+            loss = backprop(xb, yb, None, lr)[0]  # grad = lr * dE/dtheta
             if not math.isfinite(loss):
                 break
             if i == last:
-                grad_norm = float(np.sqrt(np.dot(grad, grad))) / lr
-            # scikit-learn's SGD update: v = momentum v - lr g; theta += v
-            if velocity is None:
-                theta -= grad
-            else:
-                velocity *= momentum
-                velocity -= grad
-                theta += velocity
-        if not math.isfinite(loss) or not np.isfinite(theta).all():
+                grad_norm = self._sqrt(np.dot(grad, grad)) / lr
+            _update(theta, grad, velocity, momentum)
+        # theta . 0 is 0 when every entry is finite, NaN otherwise: one call for isfinite().all()
+        if not math.isfinite(loss) or not math.isfinite(np.dot(theta, self._zeros)):
             self.diverged = True
             np.copyto(theta, self._start_of_step)
             if velocity is not None:
@@ -311,6 +318,22 @@ class RandomWalkOptimizer(Optimizer):
         self.best_loss = float(scalars["best_loss"])
         self.accepted = int(scalars["accepted"])
         self.proposed = int(scalars["proposed"])
+
+
+def _update(
+    theta: np.ndarray, grad: np.ndarray, velocity: np.ndarray | None, momentum: float
+) -> None:
+    """scikit-learn's SGD update: v = momentum v - lr g; theta += v (grad holds lr g)."""
+    if velocity is None:
+        theta -= grad
+    else:
+        velocity *= momentum
+        velocity -= grad
+        theta += velocity
+
+
+def _float_sqrt(x: np.floating) -> float:
+    return float(np.sqrt(x))
 
 
 def _finite_or_inf(x: float) -> float:

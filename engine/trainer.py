@@ -49,6 +49,7 @@ import numpy as np
 from engine.config import TrainConfig
 from engine.datasets import INIT_STREAM, TRAIN_STREAM, Dataset, stream
 from engine.errors import ConfigError
+from engine.functions import BinaryLossAndOutput
 from engine.metrics import RECORD_FIELDS
 from engine.network import Forward, Network
 from engine.optimizers import OPTIMIZER_CLASSES, Optimizer
@@ -112,6 +113,9 @@ class Trainer:
         )
         self._val = Forward(self.net, self._opt.theta, self._X_val.shape[0])
         self._alpha = config.weight_decay if config.optimizer == "backprop" else 0.0
+        binary = data.task == "binary"
+        self._binary_train = BinaryLossAndOutput(self._Y) if binary else None
+        self._binary_val = BinaryLossAndOutput(self._Y_val) if binary else None
         #: Steps completed so far.
         self.step = 0
         self._evaluations = 0
@@ -122,9 +126,10 @@ class Trainer:
         self._stop_reason: str | None = None
         if state is None:
             t0 = time.perf_counter()
-            self._opt.start()
-            self._evaluations = 1
-            self._best_loss = _finite_or_inf(self._opt.train_eval()[0])
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._opt.start()
+                self._evaluations = 1
+                self._best_loss = _finite_or_inf(self._opt.train_eval()[0])
             self._elapsed = time.perf_counter() - t0
         else:
             self._restore(state)
@@ -187,20 +192,25 @@ class Trainer:
         record["step"] = self.step
         record["evaluations"] = float(self._evaluations)
         for key, value in info.items():
-            if key in _OPTIMIZER_FIELD_SET:
-                record[key] = value
+            if key in _OPTIMIZER_FIELD_SET and value is not None:
+                record[key] = _finite_or_none(float(value))
         if train is not None:  # None when diverged: nothing trustworthy to measure
             loss, P = train
-            record["train_loss"] = loss
-            record.update(self._scores("train", P, self.data.y_train))
+            record["train_loss"] = _finite_or_none(float(loss))
             P_val = self._val.forward(self._X_val)
-            record["val_loss"] = float(self.net.loss_function(self._Y_val, P_val))
-            self.net.output_activation(P_val)
-            record.update(self._scores("val", P_val, self.data.y_val))
-        for key, value in record.items():  # no NaN or inf in a record: None instead
-            if value is not None and key != "step":
-                value = float(value)
-                record[key] = value if math.isfinite(value) else None
+            if self._binary_val is not None:
+                # no NaN or inf in a record: None instead (an accuracy is always finite)
+                record["train_accuracy"] = self._binary_train.accuracy(P)
+                record["val_loss"] = _finite_or_none(float(self._binary_val(P_val)))
+                record["val_accuracy"] = self._binary_val.accuracy(P_val)
+            else:
+                scores = self._scores("train", P, self.data.y_train)
+                record["val_loss"] = float(self.net.loss_function(self._Y_val, P_val))
+                self.net.output_activation(P_val)
+                scores.update(self._scores("val", P_val, self.data.y_val))
+                scores["val_loss"] = record["val_loss"]
+                for key, value in scores.items():
+                    record[key] = None if value is None else _finite_or_none(float(value))
         self._track_best(record)
         return record
 
