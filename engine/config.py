@@ -89,11 +89,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON-able dict: common keys, then this optimizer's keys."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            owner = _OWNER.get(f.name)
+        for name in _FIELDS:
+            owner = _OWNER.get(name)
             if owner is None or owner == self.optimizer:
-                value = getattr(self, f.name)
-                out[f.name] = list(value) if f.name == "hidden" else value
+                value = getattr(self, name)
+                out[name] = list(value) if name == "hidden" else value
         return out
 
 

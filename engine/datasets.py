@@ -159,8 +159,17 @@ def load_dataset(
     train, val = order[n_val:], order[:n_val]
 
     X = X.astype(np.float64, copy=False)
-    mean = X[train].mean(axis=0)
-    scale = X[train].std(axis=0)
+    # X[train].mean(axis=0) and .std(axis=0) as NumPy computes them (the same sums and
+    # divisions, so the same bits), sharing the sum and skipping the wrappers.
+    X_fit = X[train]
+    n_fit = X_fit.shape[0]
+    mean = np.add.reduce(X_fit, axis=0, keepdims=True)
+    np.true_divide(mean, n_fit, out=mean)
+    dev = np.subtract(X_fit, mean)
+    np.square(dev, out=dev)
+    scale = np.add.reduce(dev, axis=0) / n_fit
+    np.sqrt(scale, out=scale)
+    mean = mean[0]
     scale[scale == 0] = 1.0
     X = (X - mean) / scale
     X_train = np.ascontiguousarray(X[train], dtype=dtype)
@@ -220,11 +229,11 @@ def _moons(rng: np.random.Generator, n: int = 400) -> tuple[np.ndarray, np.ndarr
     """Two interleaving half circles (as scikit-learn's make_moons), noise 0.1."""
     y = np.arange(n) % 2
     t = rng.uniform(0.0, np.pi, n)
-    X = np.where(
-        y[:, None] == 0,
-        np.column_stack([np.cos(t), np.sin(t)]),
-        np.column_stack([1 - np.cos(t), 0.5 - np.sin(t)]),
-    )
+    cos, sin = np.cos(t), np.sin(t)
+    first = y == 0
+    X = np.empty((n, 2))
+    X[:, 0] = np.where(first, cos, 1 - cos)
+    X[:, 1] = np.where(first, sin, 0.5 - sin)
     X += rng.normal(0.0, 0.1, X.shape)
     return X, y.astype(np.int64)
 

@@ -39,7 +39,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -318,9 +320,7 @@ class Trainer:
         arrays["x_scale"] = np.ones(d) if data.x_scale is None else np.asarray(data.x_scale, float)
         arrays["config"] = np.array(json.dumps(self.config.to_dict()))
         arrays["meta"] = np.array(json.dumps(meta))
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return buf.getvalue(), {name: list(a.shape) for name, a in arrays.items()}
+        return _npz(arrays), {name: list(a.shape) for name, a in arrays.items()}
 
     # -- checkpoint ------------------------------------------------------------------------------
 
@@ -374,6 +374,46 @@ def load_weights(npz_bytes: bytes) -> tuple[list[np.ndarray], list[np.ndarray], 
         bs = [z[f"b{i}"] for i in range(n)]
         config = json.loads(str(z["config"]))
     return Ws, bs, config
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """``np.savez`` of ``arrays`` (no pickle, uncompressed), written directly.
+
+    The same ``.npy`` members (format 1.0, as ``np.lib.format.write_array``
+    writes them) in a plain stored zip with a fixed timestamp, without
+    ``zipfile``'s per-member cost; ``np.load`` reads it like any ``.npz``.
+    """
+    local, central = [], []
+    offset = 0
+    for name, a in arrays.items():
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        descr = np.lib.format.dtype_to_descr(a.dtype)
+        header = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {a.shape!r}, }}"
+        pad = -(len(_NPY_MAGIC) + 2 + len(header) + 1) % _NPY_ALIGN
+        header = (header + " " * pad + "\n").encode("latin1")
+        data = b"".join((_NPY_MAGIC, struct.pack("<H", len(header)), header, a.tobytes()))
+        member = f"{name}.npy".encode()
+        fields = struct.pack("<IIIHH", zlib.crc32(data), len(data), len(data), len(member), 0)
+        local.append(b"".join((_ZIP_LOCAL, fields, member, data)))
+        central.append(
+            b"".join((_ZIP_CENTRAL, fields, struct.pack("<HHHII", 0, 0, 0, 0, offset), member))
+        )
+        offset += len(local[-1])
+    directory = b"".join(central)
+    end = struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), len(directory), offset, 0
+    )
+    return b"".join((*local, directory, end))
+
+
+#: .npy format 1.0: magic and version; the header is padded to this alignment.
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+_NPY_ALIGN = 64
+#: Zip member headers up to the CRC: signature, version 2.0, no flags, stored,
+#: time 00:00 and date 1980-01-01 (the central one also says "made by" 2.0).
+_ZIP_LOCAL = struct.pack("<IHHHHH", 0x04034B50, 20, 0, 0, 0, 0x21)
+_ZIP_CENTRAL = struct.pack("<IHHHHHH", 0x02014B50, 20, 20, 0, 0, 0, 0x21)
 
 
 def _targets(task: str, y: np.ndarray, n_classes: int | None, dtype: np.dtype) -> np.ndarray:
