@@ -305,6 +305,33 @@ class BinaryLossAndOutput:
         inplace_logistic(Z)
         return value
 
+    def stacked(self, Z: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``__call__`` on two splits stacked in ``Z``: the losses of rows ``:n`` and ``n:``.
+
+        Elementwise passes over both at once; each split's sum is its own reduction.
+        """
+        s = self._s
+        np.multiply(Z, self._sign, out=s)
+        np.maximum(s, self._floor, out=s)
+        np.exp(s, out=s)
+        np.log1p(s, out=s)
+        np.maximum(s, self._low, out=s)
+        np.minimum(s, self._high, out=s)
+        first = np.add.reduce(s[:n], axis=(-2, -1)) / n
+        rest = np.add.reduce(s[n:], axis=(-2, -1)) / (self.n - n)
+        inplace_logistic(Z)
+        return first, rest
+
+    def stacked_accuracy(self, P: np.ndarray, n: int) -> tuple[float, float]:
+        """``accuracy`` on two splits stacked in ``P``: rows ``:n`` and ``n:``."""
+        hit = self._hit
+        np.greater(P, 0.5, out=hit)
+        np.equal(hit, self._truth, out=hit)
+        return (
+            int(np.count_nonzero(hit[:n])) / n,
+            int(np.count_nonzero(hit[n:])) / (self.n - n),
+        )
+
     def accuracy(self, P: np.ndarray) -> float:
         hit = self._hit
         np.greater(P, 0.5, out=hit)

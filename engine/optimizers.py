@@ -141,6 +141,9 @@ class BackpropOptimizer(Optimizer):
         else:
             self._loss_and_output = lambda P: net.loss_and_output(Y, P)
         self._zeros = np.zeros_like(self.theta)
+        self._stacked: BinaryLossAndOutput | None = None  # share_validation
+        #: (validation loss, training accuracy, validation accuracy) of ``train_eval(True)``
+        self.val_scores: tuple[float, float, float] | None = None
         # sqrt in the parameters' dtype (math.sqrt is float64's, without a NumPy call)
         self._sqrt = math.sqrt if self.theta.dtype == np.float64 else _float_sqrt
         #: The sample order of the last epoch (None in full-batch mode).
@@ -154,14 +157,52 @@ class BackpropOptimizer(Optimizer):
                 for s in range(0, n, self.batch)
             ]
 
+    def share_validation(self, X_val: np.ndarray, Y_val: np.ndarray) -> bool:
+        """Score the validation split along with the training set (``train_eval(True)``).
+
+        Full-batch binary runs only. The two forward passes stay separate (the
+        same matrix shapes as always, so the same numbers), but they write into
+        one stacked output column, and the loss, output activation and accuracy
+        passes run once over both. Returns whether the optimizer does it.
+        """
+        if not self.full_batch or self.net.task != "binary":
+            return False
+        n, n_val = self.X.shape[0], X_val.shape[0]
+        out = np.empty((n + n_val, self.Y.shape[1]), dtype=self.net.dtype)
+        self._val_fwd = Forward(self.net, self.theta, n_val)
+        self._bp._acts[-1] = out[:n]
+        self._val_fwd._acts[-1] = out[n:]
+        self._X_val = X_val
+        self._out = out
+        self._stacked = BinaryLossAndOutput(np.concatenate([self.Y, Y_val]))
+        self._val_loss = BinaryLossAndOutput(Y_val)
+        self._evaluated = None
+        return True
+
     def start(self) -> None:
         self.train_eval()
 
-    def train_eval(self) -> tuple[float, np.ndarray]:
-        if self._evaluated is None:
+    def train_eval(self, with_val: bool = False) -> tuple[float, np.ndarray]:
+        """See ``Optimizer.train_eval``; with ``with_val`` (after ``share_validation``)
+        ``val_scores`` then holds the validation split's scores at the same point."""
+        n = self.X.shape[0]
+        if with_val and self._stacked is not None:
+            if self._evaluated is None:
+                P = self._eval.forward(self.X)
+                self._val_fwd.forward(self._X_val)
+                first, rest = self._stacked.stacked(self._out, n)
+                data_loss = float(first)
+                self._evaluated = (data_loss, data_loss + self._bp.l2_term(n), P)
+                self.val_scores = (float(rest), *self._stacked.stacked_accuracy(self._out, n))
+            else:  # the training side is done already: the validation side alone
+                P_val = self._val_fwd.forward(self._X_val)
+                val_loss = float(self._val_loss(P_val))
+                train_acc = self._loss_and_output.accuracy(self._evaluated[2])
+                self.val_scores = (val_loss, train_acc, self._val_loss.accuracy(P_val))
+        elif self._evaluated is None:
             P = self._eval.forward(self.X)
             data_loss = float(self._loss_and_output(P))
-            self._evaluated = (data_loss, data_loss + self._bp.l2_term(self.X.shape[0]), P)
+            self._evaluated = (data_loss, data_loss + self._bp.l2_term(n), P)
         return self._evaluated[1:]
 
     def step(self, t: int) -> dict[str, float | None]:
@@ -171,6 +212,7 @@ class BackpropOptimizer(Optimizer):
         np.copyto(self._start_of_step, theta)
         reuse = self._evaluated[0] if self.full_batch and self._evaluated is not None else None
         self._evaluated = None
+        self.val_scores = None
         backprop = self._bp.backprop
         loss, grad_norm = 0.0, None
         if self.full_batch:
@@ -207,6 +249,7 @@ class BackpropOptimizer(Optimizer):
         super().revert()
         np.copyto(self.theta, self._start_of_step)
         self._evaluated = None
+        self.val_scores = None
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays, scalars = super().state()

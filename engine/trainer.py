@@ -116,6 +116,8 @@ class Trainer:
         self._val = Forward(self.net, self._opt.theta, self._X_val.shape[0])
         self._alpha = config.weight_decay if config.optimizer == "backprop" else 0.0
         binary = data.task == "binary"
+        share = getattr(self._opt, "share_validation", None)
+        self._shared_val = share is not None and share(self._X_val, self._Y_val)
         self._binary_train = BinaryLossAndOutput(self._Y) if binary else None
         self._binary_val = BinaryLossAndOutput(self._Y_val) if binary else None
         #: Steps completed so far.
@@ -164,7 +166,7 @@ class Trainer:
         due = self.step % cfg.log_every == 0 or self.step >= cfg.max_steps
         train = None
         if due or cfg.patience is not None or cfg.target_loss is not None:
-            train = opt.train_eval()
+            train = opt.train_eval(True) if self._shared_val and due else opt.train_eval()
             loss = train[0]
             if loss < self._best_loss:
                 self._best_loss, self._since_best = loss, 0
@@ -199,13 +201,21 @@ class Trainer:
         if train is not None:  # None when diverged: nothing trustworthy to measure
             loss, P = train
             record["train_loss"] = _finite_or_none(float(loss))
-            P_val = self._val.forward(self._X_val)
-            if self._binary_val is not None:
+            if self._shared_val:
+                if self._opt.val_scores is None:  # a stop on a step that was not due
+                    self._opt.train_eval(True)
+                val_loss, train_acc, val_acc = self._opt.val_scores
+                record["train_accuracy"] = train_acc
+                record["val_loss"] = _finite_or_none(val_loss)
+                record["val_accuracy"] = val_acc
+            elif self._binary_val is not None:
+                P_val = self._val.forward(self._X_val)
                 # no NaN or inf in a record: None instead (an accuracy is always finite)
                 record["train_accuracy"] = self._binary_train.accuracy(P)
                 record["val_loss"] = _finite_or_none(float(self._binary_val(P_val)))
                 record["val_accuracy"] = self._binary_val.accuracy(P_val)
             else:
+                P_val = self._val.forward(self._X_val)
                 scores = self._scores("train", P, self.data.y_train)
                 record["val_loss"] = float(self.net.loss_function(self._Y_val, P_val))
                 self.net.output_activation(P_val)
