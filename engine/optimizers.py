@@ -179,6 +179,16 @@ class BackpropOptimizer(Optimizer):
         self._evaluated = None
         return True
 
+    def last_scores(self) -> tuple[float, float, float, float] | None:
+        """(objective, validation loss, training and validation accuracy) at ``theta``.
+
+        From the last ``train_eval(True)`` if it was at the current parameters
+        (no step or revert since), else None.
+        """
+        if self._evaluated is None or self.val_scores is None:
+            return None
+        return (self._evaluated[1], *self.val_scores)
+
     def start(self) -> None:
         self.train_eval()
 

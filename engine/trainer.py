@@ -118,8 +118,9 @@ class Trainer:
         binary = data.task == "binary"
         share = getattr(self._opt, "share_validation", None)
         self._shared_val = share is not None and share(self._X_val, self._Y_val)
-        self._binary_train = BinaryLossAndOutput(self._Y) if binary else None
-        self._binary_val = BinaryLossAndOutput(self._Y_val) if binary else None
+        own_binary = binary and not self._shared_val
+        self._binary_train = BinaryLossAndOutput(self._Y) if own_binary else None
+        self._binary_val = BinaryLossAndOutput(self._Y_val) if own_binary else None
         #: Steps completed so far.
         self.step = 0
         self._evaluations = 0
@@ -266,20 +267,18 @@ class Trainer:
 
     def _result(self) -> TrainResult:
         theta = self._opt.result_params
-        net = self.net
-        P = net.logits(theta, self._X)
-        P_val = net.logits(theta, self._X_val)
-        train_loss = float(net.loss_function(self._Y, P))
-        if self._alpha:
-            Ws, _ = net.unpack(theta)
-            sq = sum(float(np.dot(W.ravel(), W.ravel())) for W in Ws)
-            train_loss += 0.5 * self._alpha * sq / self._X.shape[0]
-        final = {"train_loss": train_loss, "val_loss": float(net.loss_function(self._Y_val, P_val))}
-        net.output_activation(P)
-        net.output_activation(P_val)
-        final.update(self._scores("train", P, self.data.y_train))
-        final.update(self._scores("val", P_val, self.data.y_val))
-        final = {k: _finite_or_none(v) for k, v in final.items()}
+        last = self._opt.last_scores() if self._shared_val else None
+        if last is not None:
+            # The last record's pass was at these very parameters: the same numbers.
+            train_loss, val_loss, train_acc, val_acc = last
+            final = {
+                "train_loss": _finite_or_none(train_loss),
+                "val_loss": _finite_or_none(val_loss),
+                "train_accuracy": train_acc,
+                "val_accuracy": val_acc,
+            }
+        else:
+            final = self._final_scores(theta)
         best = dict(self._best_val)
         for key, better in (("loss", min), ("accuracy", max), ("r2", max)):
             value = final.get(f"val_{key}")
@@ -307,6 +306,23 @@ class Trainer:
             summary=summary,
             shapes=shapes,
         )
+
+    def _final_scores(self, theta: np.ndarray) -> dict[str, float | None]:
+        net = self.net
+        P = net.logits(theta, self._X)
+        P_val = net.logits(theta, self._X_val)
+        train_loss = float(net.loss_function(self._Y, P))
+        if self._alpha:
+            Ws, _ = net.unpack(theta)
+            sq = sum(float(np.dot(W.ravel(), W.ravel())) for W in Ws)
+            train_loss += 0.5 * self._alpha * sq / self._X.shape[0]
+        final = {"train_loss": train_loss, "val_loss": float(net.loss_function(self._Y_val, P_val))}
+        net.output_activation(P)
+        net.output_activation(P_val)
+        final.update(self._scores("train", P, self.data.y_train))
+        final.update(self._scores("val", P_val, self.data.y_val))
+        final = {k: _finite_or_none(v) for k, v in final.items()}
+        return final
 
     def _weights(self, theta: np.ndarray) -> tuple[bytes, dict[str, list[int]]]:
         Ws, bs = self.net.unpack(theta)
