@@ -175,7 +175,7 @@ class BackpropOptimizer(Optimizer):
         self._X_val = X_val
         self._out = out
         self._stacked = BinaryLossAndOutput(np.concatenate([self.Y, Y_val]))
-        self._val_loss = BinaryLossAndOutput(Y_val)
+        self._Y_val = Y_val
         self._evaluated = None
         return True
 
@@ -206,6 +206,7 @@ class BackpropOptimizer(Optimizer):
                 self.val_scores = (float(rest), *self._stacked.stacked_accuracy(self._out, n))
             else:  # the training side is done already: the validation side alone
                 P_val = self._val_fwd.forward(self._X_val)
+                self._val_loss = BinaryLossAndOutput(self._Y_val)  # rare: allocated on demand
                 val_loss = float(self._val_loss(P_val))
                 train_acc = self._loss_and_output.accuracy(self._evaluated[2])
                 self.val_scores = (val_loss, train_acc, self._val_loss.accuracy(P_val))

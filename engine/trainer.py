@@ -105,7 +105,7 @@ class Trainer:
         self._Y = _targets(data.task, data.y_train, data.n_classes, dtype)
         self._Y_val = _targets(data.task, data.y_val, data.n_classes, dtype)
         n_out = data.n_classes if data.task == "multiclass" else 1
-        self.net = Network(
+        self.net = net = Network(
             [data.n_features, *config.hidden, n_out], config.activation, data.task, dtype
         )
         theta0 = self.net.init_params(stream(config.seed, INIT_STREAM), config.init)
@@ -113,12 +113,13 @@ class Trainer:
         self._opt: Optimizer = optimizer_class(
             config, self.net, self._X, self._Y, theta0, stream(config.seed, TRAIN_STREAM)
         )
-        self._val = Forward(self.net, self._opt.theta, self._X_val.shape[0])
         self._alpha = config.weight_decay if config.optimizer == "backprop" else 0.0
         binary = data.task == "binary"
         share = getattr(self._opt, "share_validation", None)
         self._shared_val = share is not None and share(self._X_val, self._Y_val)
         own_binary = binary and not self._shared_val
+        # Validation passes of the trainer's own (the optimizer's when shared).
+        self._val = None if self._shared_val else Forward(net, self._opt.theta, len(self._X_val))
         self._binary_train = BinaryLossAndOutput(self._Y) if own_binary else None
         self._binary_val = BinaryLossAndOutput(self._Y_val) if own_binary else None
         #: Steps completed so far.
@@ -244,9 +245,10 @@ class Trainer:
     def _track_best(self, record: dict[str, Any]) -> None:
         best = self._best_val
         for key, field_name, better in _BEST_VAL:
-            value = record.get(field_name)
-            if value is not None and math.isfinite(value):
-                best[key] = value if best[key] is None else better(best[key], value)
+            value = record[field_name]  # finite or None, as every record value
+            if value is not None:
+                old = best[key]
+                best[key] = value if old is None else better(old, value)
 
     @property
     def optimizer(self) -> Optimizer:
