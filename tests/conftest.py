@@ -10,6 +10,10 @@ fails the test; elsewhere it skips it.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -225,3 +229,80 @@ def redis_url() -> Iterator[str]:
         if base.get(f"mlpq-test-lease:{db}") == token.encode():
             base.delete(f"mlpq-test-lease:{db}")
         base.close()
+
+
+# -- a redis-server of the test's own (restarts, kills), persistence on ------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of one test: append-only file fsynced on every write, so a SIGKILL
+    loses nothing acknowledged and a restart finds every message again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.dir = directory
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed", pytrace=False)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        self.proc = subprocess.Popen(
+            [binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    pytest.fail("redis-server did not start", pytrace=False)
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits."""
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once."""
+        self._end(signal.SIGKILL)
+
+    def _end(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started redis-server of this test's own on a free port, killed after the test."""
+    server = RedisServer(tmp_path / "redis-server")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A free TCP port (a broker URL nothing answers at)."""
+    return free_port()

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,9 +206,9 @@ def test_the_embedded_queue_gets_one_message_file_per_run(
 
 
 def test_an_unreachable_broker_fails_before_anything_is_written(
-    engine: Engine, tmp_path: Path
+    engine: Engine, tmp_path: Path, unused_port: int
 ) -> None:
-    app = app_for(f"redis://127.0.0.1:{_free_port()}/0", tmp_path)
+    app = app_for(f"redis://127.0.0.1:{unused_port}/0", tmp_path)
     with pytest.raises(BrokerError, match=r"^broker redis://127\.0\.0\.1:\d+/0: cannot connect"):
         submit(grid=make_grid(SMALL), engine=engine, app=app)
     assert rows(engine) == []
@@ -224,66 +219,11 @@ def test_an_unreachable_broker_fails_before_anything_is_written(
 # -- a broker that dies while the messages go out ---------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server of this test's own; every write is fsynced, so SIGKILL loses nothing sent."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
-        self.dir = directory
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed", pytrace=False)
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-        self.proc = subprocess.Popen(
-            [binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    pytest.fail("redis-server did not start", pytrace=False)
-                time.sleep(0.05)
-        client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
-
-
 @pytest.mark.redis
 @pytest.mark.parametrize("resend", ["resubmit", "publish_pending"])
 def test_a_broker_dying_midway_leaves_unsent_runs_queued_and_they_are_sent_exactly_once(
     engine: Engine,
-    redis_server: RedisServer,
+    redis_server: Any,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     resend: str,

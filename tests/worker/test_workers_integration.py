@@ -8,10 +8,7 @@ and the stale age shrunk to fractions of a second, and stops them at the end.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -315,69 +312,10 @@ def test_run_of_a_killed_worker_is_reaped_and_resumed_by_another_worker(
     assert "reaper: re-enqueued 1 run(s)" in cluster.workers[-1].log()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server of the test's own, with the append-only file on, restartable."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
-        self.dir = directory
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import redis
-
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed", pytrace=False)
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.dir),
-                "--appendonly",
-                "yes",
-                "--save",
-                "",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-
-        wait_for(up, timeout=10, what="redis-server to start")
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # SIGTERM: Redis flushes the append-only file and exits.
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-def test_redis_restart_mid_grid_every_run_completes(pg_store_url: str, tmp_path: Path) -> None:
-    server = RedisServer(tmp_path)
-    server.start()
+def test_redis_restart_mid_grid_every_run_completes(
+    pg_store_url: str, tmp_path: Path, redis_server: Any
+) -> None:
+    server = redis_server
     c = Cluster(pg_store_url, server.url, tmp_path / "home", tmp_path)
     try:
         configs = [
