@@ -10,7 +10,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MKL_NUM_THREADS=1
 
 WORKDIR /app
-# Dependencies first so code edits do not reinstall them.
 COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY service ./service
