@@ -123,7 +123,7 @@ def print_leaderboard(
     engine: Engine, experiment: str, *, by: str | None = None, limit: int = 10
 ) -> None:
     """Runs by status, the top ``limit`` runs by ``by``, and the failed runs' errors."""
-    from service.queries import leaderboard
+    from service.queries import experiment_datasets, leaderboard
 
     console = Console()
     with engine.connect() as conn:
@@ -142,26 +142,17 @@ def print_leaderboard(
             {"id": counts["experiment_id"]},
         ).all()
     console.print(f"[bold]{experiment}[/bold]: {_by_status(counts)}", highlight=False)
-    rows: list[dict[str, Any]] = []
-    for column in [by] if by else DEFAULT_RANKING:
-        rows = leaderboard(engine, experiment=experiment, by=column, limit=limit)
-        if rows:
-            by = column
-            break
-    if rows:
-        # Dataset and optimizer always (a score means little without them); the other
-        # hyperparameters only where they differ between the listed runs.
-        params = [
-            p
-            for p in (*_PARAMS, "status")
-            if p in _ALWAYS_SHOWN or len({repr(r.get(p)) for r in rows}) > 1
-        ]
-        table = Table(title=f"top {len(rows)} by {by}")
-        for column in ("run", *params, by):
-            table.add_column(_LABELS.get(column, column), no_wrap=True)
-        for row in rows:
-            table.add_row(str(row["run_id"]), *(_fmt(row[p]) for p in params), _fmt(row[by]))
-        console.print(table)
+    datasets = experiment_datasets(engine, experiment=experiment)
+    # One table per dataset when there are several: their scores are not comparable
+    # (and a regression dataset ranks by r2 where a classification one ranks by accuracy).
+    for dataset in datasets if len(datasets) > 1 else [None]:
+        for column in [by] if by else DEFAULT_RANKING:
+            rows = leaderboard(
+                engine, experiment=experiment, by=column, limit=limit, dataset=dataset
+            )
+            if rows:
+                console.print(_leaderboard_table(rows, column, dataset))
+                break
     for run_id, error in failures:
         last = (error or "").strip().splitlines()[-1:] or ["(no error recorded)"]
         console.print(f"[red]run {run_id} failed[/red]: {last[0]}", highlight=False)
@@ -171,6 +162,24 @@ def print_leaderboard(
             "mlpq sql \"SELECT id, error FROM runs WHERE status = 'failed'\"",
             highlight=False,
         )
+
+
+def _leaderboard_table(rows: list[dict[str, Any]], by: str, dataset: str | None) -> Table:
+    # Dataset and optimizer always (a score means little without them); the other
+    # hyperparameters only where they differ between the listed runs.
+    params = [
+        p
+        for p in (*_PARAMS, "status")
+        if (p in _ALWAYS_SHOWN and not (p == "dataset" and dataset))
+        or len({repr(r.get(p)) for r in rows}) > 1
+    ]
+    title = f"top {len(rows)} by {by}" + (f" on {dataset}" if dataset else "")
+    table = Table(title=title)
+    for column in ("run", *params, by):
+        table.add_column(_LABELS.get(column, column), no_wrap=True)
+    for row in rows:
+        table.add_row(str(row["run_id"]), *(_fmt(row[p]) for p in params), _fmt(row[by]))
+    return table
 
 
 def register(app: typer.Typer) -> None:

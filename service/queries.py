@@ -33,7 +33,7 @@ LEADERBOARD_SQL = """\
 SELECT run_id, dataset, optimizer, hidden, activation, learning_rate, batch_size, step_size,
        temperature, seed, status, {by}
 FROM run_summary
-WHERE experiment = :experiment AND {by} IS NOT NULL
+WHERE experiment = :experiment AND {by} IS NOT NULL{dataset_filter}
 ORDER BY {by} {direction}, run_id
 LIMIT :limit"""
 
@@ -48,22 +48,49 @@ ORDER BY step"""
 PROGRESS_SQL = "SELECT * FROM experiment_progress ORDER BY experiment_id"
 
 
-def leaderboard_sql(by: str = "best_val_accuracy") -> str:
-    """The leaderboard statement ranking by summary column ``by``."""
+def leaderboard_sql(by: str = "best_val_accuracy", *, per_dataset: bool = False) -> str:
+    """The leaderboard statement ranking by summary column ``by``.
+
+    With ``per_dataset`` it also takes a ``:dataset`` parameter: scores of
+    different datasets are rarely comparable.
+    """
     if by not in RANKABLE:
         raise ValueError(f"by: expected one of {', '.join(RANKABLE)}, got {by!r}")
     lower_is_better = by.endswith("loss") or by in ("duration_seconds", "evaluations")
-    return LEADERBOARD_SQL.format(by=by, direction="ASC" if lower_is_better else "DESC")
+    return LEADERBOARD_SQL.format(
+        by=by,
+        direction="ASC" if lower_is_better else "DESC",
+        dataset_filter=" AND dataset = :dataset" if per_dataset else "",
+    )
 
 
 def leaderboard(
-    engine: Engine, *, experiment: str, by: str = "best_val_accuracy", limit: int = 10
+    engine: Engine,
+    *,
+    experiment: str,
+    by: str = "best_val_accuracy",
+    limit: int = 10,
+    dataset: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The ``limit`` best runs of ``experiment`` by ``by`` (ties: lower run id first)."""
-    statement = text(leaderboard_sql(by))
+    """The ``limit`` best runs of ``experiment`` (of one ``dataset`` if given) by ``by``.
+
+    Ties go to the lower run id.
+    """
+    statement = text(leaderboard_sql(by, per_dataset=dataset is not None))
+    params: dict[str, Any] = {"experiment": experiment, "limit": limit}
+    if dataset is not None:
+        params["dataset"] = dataset
     with engine.connect() as conn:
-        result = conn.execute(statement, {"experiment": experiment, "limit": limit})
-        return [dict(row._mapping) for row in result]
+        return [dict(row._mapping) for row in conn.execute(statement, params)]
+
+
+def experiment_datasets(engine: Engine, *, experiment: str) -> list[str]:
+    """The datasets the runs of ``experiment`` train on, sorted."""
+    statement = text(
+        "SELECT DISTINCT dataset FROM run_summary WHERE experiment = :experiment ORDER BY dataset"
+    )
+    with engine.connect() as conn:
+        return list(conn.execute(statement, {"experiment": experiment}).scalars())
 
 
 def loss_curve(engine: Engine, *, run_id: int) -> list[tuple[int, float | None, float | None]]:

@@ -11,7 +11,13 @@ from sqlalchemy import Engine, text
 from service.db import make_engine, session_scope
 from service.ingest import write_metrics
 from service.models import Experiment, Run, RunStatus
-from service.queries import experiment_progress, leaderboard, leaderboard_sql, loss_curve
+from service.queries import (
+    experiment_datasets,
+    experiment_progress,
+    leaderboard,
+    leaderboard_sql,
+    loss_curve,
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 RUN_SUMMARY_COLUMNS = [
@@ -168,6 +174,21 @@ def test_leaderboard_ranks_accuracy_descending_losses_ascending_and_skips_nulls(
     assert leaderboard(store_engine, experiment="nosuch") == []
     with pytest.raises(ValueError, match="by: expected one of"):
         leaderboard_sql("config_hash; DROP TABLE runs")
+
+
+def test_leaderboard_of_one_dataset_ranks_only_its_runs(store_engine: Engine) -> None:
+    fill(store_engine)
+    with store_engine.begin() as conn:  # finished grid runs 3..6: move 4 and 6 to wine
+        conn.execute(text("UPDATE runs SET dataset = 'wine' WHERE id IN (4, 6)"))
+    assert experiment_datasets(store_engine, experiment="grid") == ["iris", "wine"]
+    by_loss = {
+        name: [
+            r["run_id"]
+            for r in leaderboard(store_engine, experiment="grid", by="best_val_loss", dataset=name)
+        ]
+        for name in ("iris", "wine", "digits")
+    }
+    assert by_loss == {"iris": [5, 3], "wine": [6, 4], "digits": []}
 
 
 def test_loss_curve_returns_every_step_in_order(store_engine: Engine) -> None:
