@@ -5,9 +5,12 @@ random walk, a metrics row every step, final weights stored) go through one
 ``celery worker`` with 2 prefork processes (``mlpq worker --concurrency 2``'s
 command line) on Redis, into PostgreSQL. The reference, measured in the same
 invocation with the same worker command and broker: the same number of no-op
-tasks (``mlpq.ping``). Each figure is the time from the first publish to the
-last message done (every run finished in SQL; the Redis queue and its unacked
-set empty for the no-ops), workers already up; one pass each, reference first.
+tasks (``mlpq.ping``). Each figure is the time from the submit (for the runs:
+storing them, then publishing) to the last message done (every run finished in
+SQL; the Redis queue and its unacked set empty for the no-ops), workers already
+up; one pass each, reference first. Beside them, where the CPU went during the
+runs (from /proc, per run): the worker's processes, its main process,
+PostgreSQL, Redis and the whole machine (2 cores give 2 s of CPU a second).
 A second reference bounds what any queue and store could reach: the engine
 alone (dataset, 20 steps, result) on a sample of the same configs in this
 process, times the number of worker processes.
@@ -164,6 +167,64 @@ class Workers:
         self._log.close()
 
 
+def _times(pid: int) -> tuple[int, int]:
+    """(own, reaped children's) CPU ticks of ``pid``; zeros once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0, 0
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def tree_cpu(parent: int) -> tuple[float, float]:
+    """CPU seconds so far of ``parent`` itself and of all its children, exited ones included."""
+    own, reaped = _times(parent)
+    live = sum(_times(child)[0] for child in _children(parent))
+    tick = os.sysconf("SC_CLK_TCK")
+    return own / tick, (reaped + live) / tick
+
+
+def postmaster_pid() -> int | None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres" and (
+                    entry / "stat"
+                ).read_text().rsplit(")", 1)[1].split()[1] == "1":
+                    return int(entry.name)
+            except OSError:
+                pass
+    return None
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, idle and iowait excluded)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_breakdown(worker: int, redis: int) -> dict[str, float]:
+    """CPU seconds so far, by who spent them (on Linux, from /proc)."""
+    main, children = tree_cpu(worker)
+    postmaster = postmaster_pid()
+    postgres = sum(tree_cpu(postmaster)) if postmaster else float("nan")
+    return {
+        "worker processes": children,
+        "worker main process": main,
+        "PostgreSQL": postgres,
+        "Redis": sum(tree_cpu(redis)),
+        "whole machine": machine_cpu_seconds(),
+    }
+
+
 def publish_pings(app, n: int) -> None:
     """n no-op messages, published the way service.submit.publish_runs publishes runs."""
     amqp = app.amqp
@@ -283,11 +344,14 @@ def main() -> None:
                 )
             time.sleep(1.0)
 
+        cpu_before = cpu_breakdown(workers.proc.pid, redis.proc.pid)
         start = time.perf_counter()
         report = submit(grid=grid, engine=engine, app=app)
         submit_s = time.perf_counter() - start
         wait_until(lambda: finished(engine) >= runs, 900, "the runs", every=0.05)
         runs_s = time.perf_counter() - start
+        cpu_after = cpu_breakdown(workers.proc.pid, redis.proc.pid)
+        cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_after}
         for prof in profilers:
             prof.send_signal(signal.SIGINT)
             prof.wait(timeout=60)
@@ -323,6 +387,10 @@ def main() -> None:
         f"storing and publishing {report.published} runs)"
     )
     print(f"no-op task: {runs} in {noop_s:.2f}s = {noop_per_s:.1f} tasks/s (same worker, broker)")
+    print(
+        "CPU per run (ms): "
+        + ", ".join(f"{name} {seconds / runs * 1000:.2f}" for name, seconds in cpu.items())
+    )
     engine_bound = args.concurrency / engine_s
     print(
         f"engine only: {engine_s * 1000:.2f} ms per run in one process "
@@ -342,6 +410,7 @@ def main() -> None:
                 "fraction_of_noop": round(fraction, 3),
                 "engine_only_per_s": round(engine_bound, 1),
                 "fraction_of_engine_only": round(runs_per_s / engine_bound, 3),
+                "cpu_ms_per_run": {k: round(v / runs * 1000, 2) for k, v in cpu.items()},
                 "load_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             }
         )

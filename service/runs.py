@@ -218,7 +218,15 @@ def _pg_finish_statement(*, metrics: bool, weights: bool, drop: bool) -> str:
             "UPDATE SET format = excluded.format, shapes = excluded.shapes, step = NULL, "
             "data = excluded.data, size = excluded.size, created_at = excluded.created_at)"
         )
-    return "WITH " + ", ".join(parts) + " SELECT id FROM fin"
+    # The commit does not wait for the WAL flush (synchronous_commit off for this one
+    # transaction): a result lost to a server crash leaves the run `running` with the
+    # heartbeat of its claim, and the stale-run reaper sends it again, so the result
+    # is never lost, only trained twice. The claim, which nothing would repair, stays
+    # synchronous.
+    return (
+        "WITH " + ", ".join(parts) + " SELECT fin.id FROM fin, "
+        "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
+    )
 
 
 def claim_run(

@@ -14,7 +14,7 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from celery.signals import worker_process_init  # noqa: E402
+from celery.signals import worker_init, worker_process_init  # noqa: E402
 
 from service.celery_app import make_app  # noqa: E402
 from worker.reaper import Reaper  # noqa: E402
@@ -22,6 +22,21 @@ from worker.reaper import Reaper  # noqa: E402
 app = make_app()
 app.conf.include = ["worker.tasks"]
 app.steps["worker"].add(Reaper)
+
+
+@worker_init.connect
+def _preload(**_: object) -> None:
+    # Import in the main process what every child needs but imports lazily (the
+    # store's database driver and SQLAlchemy dialect, the ingest module, NumPy's
+    # random module), so a child forked to replace one that reached
+    # worker_max_tasks_per_child starts its first run without importing them.
+    import numpy.random  # noqa: F401
+    from sqlalchemy.engine import make_url
+
+    import service.ingest  # noqa: F401
+    from service.settings import get_settings
+
+    make_url(get_settings().database_url).get_dialect().import_dbapi()
 
 
 @worker_process_init.connect

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DBAPIError
 
@@ -297,15 +298,29 @@ def _load_data(config: TrainConfig, engine: Engine) -> Any:
     csv = None
     if config.dataset.startswith("csv:"):
         csv = _csv_bytes(config.dataset.removeprefix("csv:"), engine)
-    return load_dataset(
-        config.dataset,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
-        dtype=config.dtype,
-        csv=csv,
-        target=config.target,
-        task=config.task,
+    c = config
+    return _dataset(c.dataset, c.seed, c.val_fraction, c.dtype, c.target, c.task, csv)
+
+
+@lru_cache(maxsize=8)
+def _dataset(
+    name: str,
+    seed: int,
+    val_fraction: float,
+    dtype: str,
+    target: str | None,
+    task: str | None,
+    csv: bytes | None,
+) -> Any:
+    # The runs of a grid share a few (dataset, seed) pairs: a worker process loads,
+    # splits and standardizes each once. Read-only, so no run can change another's data.
+    data = load_dataset(
+        name, seed=seed, val_fraction=val_fraction, dtype=dtype, csv=csv, target=target, task=task
     )
+    for array in vars(data).values():
+        if isinstance(array, np.ndarray):
+            array.setflags(write=False)
+    return data
 
 
 @lru_cache(maxsize=8)
