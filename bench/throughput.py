@@ -8,7 +8,8 @@ invocation with the same worker command and broker: the same number of no-op
 tasks (``mlpq.ping``). Each figure is the time from the submit (for the runs:
 storing them, then publishing) to the last message done (every run finished in
 SQL; the Redis queue and its unacked set empty for the no-ops), workers already
-up; one pass each, reference first. Beside them, where the CPU went during the
+up; the runs once, the no-op reference just before and just after them (the mean
+of the two times). Beside them, where the CPU went during the
 runs (from /proc, per run): the worker's processes, its main process,
 PostgreSQL, Redis and the whole machine (2 cores give 2 s of CPU a second).
 A second reference bounds what any queue and store could reach: the engine
@@ -313,11 +314,16 @@ def main() -> None:
         workers = Workers(env, args.concurrency, tmp / "worker.log")
         workers.wait_ready(app)
 
-        # Reference: no-op tasks through the same worker.
-        start = time.perf_counter()
-        publish_pings(app, runs)
-        wait_until(redis.idle, 300, "the no-op tasks")
-        noop_s = time.perf_counter() - start
+        def noop_seconds() -> float:
+            start = time.perf_counter()
+            publish_pings(app, runs)
+            wait_until(redis.idle, 300, "the no-op tasks")
+            return time.perf_counter() - start
+
+        # Reference: no-op tasks through the same worker, before the runs and after them
+        # (their mean is the reference, so a machine that drifts during the run counts
+        # against both figures alike).
+        noop_before = noop_seconds()
 
         profilers = []
         if args.profile:
@@ -356,6 +362,8 @@ def main() -> None:
             prof.send_signal(signal.SIGINT)
             prof.wait(timeout=60)
 
+        noop_after = noop_seconds()
+        noop_s = (noop_before + noop_after) / 2
         with engine.connect() as conn:
             statuses = dict(
                 conn.execute(text("SELECT status, count(*) FROM runs GROUP BY status")).all()
@@ -386,7 +394,10 @@ def main() -> None:
         f"({args.concurrency} worker processes, Redis, PostgreSQL; of which {submit_s:.2f}s "
         f"storing and publishing {report.published} runs)"
     )
-    print(f"no-op task: {runs} in {noop_s:.2f}s = {noop_per_s:.1f} tasks/s (same worker, broker)")
+    print(
+        f"no-op task: {runs} in {noop_s:.2f}s = {noop_per_s:.1f} tasks/s (same worker, broker; "
+        f"mean of {runs / noop_before:.1f}/s before the runs and {runs / noop_after:.1f}/s after)"
+    )
     print(
         "CPU per run (ms): "
         + ", ".join(f"{name} {seconds / runs * 1000:.2f}" for name, seconds in cpu.items())
@@ -407,6 +418,10 @@ def main() -> None:
                 "concurrency": args.concurrency,
                 "runs_per_s": round(runs_per_s, 1),
                 "noop_per_s": round(noop_per_s, 1),
+                "noop_per_s_before_after": [
+                    round(runs / noop_before, 1),
+                    round(runs / noop_after, 1),
+                ],
                 "fraction_of_noop": round(fraction, 3),
                 "engine_only_per_s": round(engine_bound, 1),
                 "fraction_of_engine_only": round(runs_per_s / engine_bound, 3),
