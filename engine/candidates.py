@@ -71,6 +71,7 @@ class Candidates:
             self._noise.append(self.flat[offset : offset + K * rows * cols].reshape(K, rows, cols))
             offset += K * rows * cols
         self._base = [np.empty(shape, dtype=dt) for shape in shapes]
+        self._unpacked: tuple[np.ndarray, list[np.ndarray], list[np.ndarray]] | None = None
         # the candidates' blocks; hidden layers have the extra row [0 ... 0 1]
         last = len(shapes) - 1
         self.blocks = []
@@ -119,16 +120,34 @@ class Candidates:
             self._target = y.astype(dt)
         self._plan = self._make_plan(K)
 
+    def _views(self, theta: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``net.unpack(theta)``, kept for the array the caller passes every time."""
+        if self._unpacked is None or self._unpacked[0] is not theta:
+            self._unpacked = (theta, *self.net.unpack(theta))
+        return self._unpacked[1], self._unpacked[2]
+
     def _set_base(self, theta: np.ndarray) -> None:
-        Ws, bs = self.net.unpack(theta)
+        Ws, bs = self._views(theta)
         for base, W, b in zip(self._base, Ws, bs, strict=True):
             base[:, :-1] = W.T
             base[:, -1] = b
 
-    def propose(self, theta: np.ndarray, sigma: float, rng: np.random.Generator) -> None:
-        """Make the K candidates ``theta + sigma * eps``, ``eps ~ N(0, I)`` drawn from ``rng``."""
+    def propose(
+        self,
+        theta: np.ndarray,
+        sigma: float,
+        rng: np.random.Generator,
+        *,
+        same_center: bool = False,
+    ) -> None:
+        """Make the K candidates ``theta + sigma * eps``, ``eps ~ N(0, I)`` drawn from ``rng``.
+
+        ``same_center``: ``theta`` holds the same values as at the last ``propose``
+        (a rejected step), so its layout for the candidates is reused.
+        """
         self._normal.fill(rng, self.flat, sigma)
-        self._set_base(theta)
+        if not same_center:
+            self._set_base(theta)
         for block, noise, base in zip(self.blocks, self._noise, self._base, strict=True):
             np.add(noise, base, out=block[:, : base.shape[0]])
 
@@ -140,7 +159,7 @@ class Candidates:
 
     def take(self, k: int, theta: np.ndarray) -> None:
         """Copy candidate ``k`` into ``theta`` (the network's canonical layout)."""
-        Ws, bs = self.net.unpack(theta)
+        Ws, bs = self._views(theta)
         for block, W, b in zip(self.blocks, Ws, bs, strict=True):
             rows = W.shape[1]
             W[...] = block[k, :rows, :-1].T
@@ -258,7 +277,9 @@ class Candidates:
             np.maximum(per_sample, self.exp_floor, out=per_sample)
             np.exp(per_sample, out=per_sample)
             np.log1p(per_sample, out=per_sample)
-        per_sample.clip(*self.clip, out=per_sample)
+        # (the two ufuncs of ndarray.clip, without its Python wrapper)
+        np.maximum(per_sample, self.clip[0], out=per_sample)
+        np.minimum(per_sample, self.clip[1], out=per_sample)
         np.add.reduce(per_sample, axis=1, out=sums)
 
     def outputs(self, logits: np.ndarray) -> np.ndarray:
@@ -268,12 +289,20 @@ class Candidates:
         return P
 
 
+#: ``NormalSource`` uses NumPy's own ziggurat below this many draws per fill (the
+#: two methods took about as long at 1,024 draws on our machines).
+ZIGGURAT_BELOW = 1024
+
+
 class NormalSource:
     """Normal draws ``sigma * N(0, 1)`` by the Box-Muller transform, vectorized.
 
     NumPy's ``Generator.standard_normal`` (a ziggurat, one draw at a time) takes
     about 8-9 ns a draw on our machines; this takes 4-5, which matters because
-    the random walk draws one normal per parameter per candidate. Each pair is
+    the random walk draws one normal per parameter per candidate. Below
+    ``ZIGGURAT_BELOW`` draws per fill its dozen NumPy calls cost more than the
+    draws themselves, and ``fill`` calls NumPy's ziggurat instead (exact; which
+    method a run uses depends only on its config). Each pair is
     ``(r cos t, r sin t)`` with ``r = sigma sqrt(-2 ln u)``, ``u`` uniform on
     ``(0, 1]`` in float64 (so draws reach 8.5 standard deviations, the float64
     ziggurat's range), and ``t = 2 pi v``, ``v`` uniform in float32 with cos and
@@ -293,6 +322,9 @@ class NormalSource:
             raise ValueError(f"size must be even, got {size}")
         self.half = h = size // 2
         self.dtype = np.dtype(dtype)
+        self.ziggurat = size < ZIGGURAT_BELOW
+        if self.ziggurat:
+            return
         self._radius = np.empty(h)  # float64
         self._radius_cast = np.empty(h, dtype=self.dtype) if self.dtype != np.float64 else None
         self._angle = np.empty(h, dtype=np.float32)
@@ -300,6 +332,10 @@ class NormalSource:
 
     def fill(self, rng: np.random.Generator, out: np.ndarray, sigma: float = 1.0) -> None:
         """Write ``size`` independent ``N(0, sigma^2)`` draws into ``out`` (1-D, ``size`` long)."""
+        if self.ziggurat:
+            rng.standard_normal(out=out, dtype=self.dtype)
+            out *= sigma
+            return
         h = self.half
         r, t, trig = self._radius, self._angle, self._trig
         rng.random(out=r)

@@ -65,6 +65,9 @@ class Optimizer(ABC):
         self.theta = np.array(theta0, dtype=net.dtype, copy=True)
         #: True once a step hit a non-finite loss; ``theta`` is then the last finite point.
         self.diverged = False
+        #: Changes whenever ``theta`` may have changed: equal versions, equal parameters
+        #: (what is computed from them can be reused).
+        self.version = 0
 
     @abstractmethod
     def start(self) -> None:
@@ -106,6 +109,7 @@ class Optimizer(ABC):
         np.copyto(self.theta, arrays["theta"])
         self.rng.bit_generator.state = scalars["rng"]
         self.diverged = bool(scalars["diverged"])
+        self.version += 1
 
 
 class BackpropOptimizer(Optimizer):
@@ -160,20 +164,20 @@ class BackpropOptimizer(Optimizer):
     def share_validation(self, X_val: np.ndarray, Y_val: np.ndarray) -> bool:
         """Score the validation split along with the training set (``train_eval(True)``).
 
-        Full-batch binary runs only. The two forward passes stay separate (the
-        same matrix shapes as always, so the same numbers), but they write into
-        one stacked output column, and the loss, output activation and accuracy
-        passes run once over both. Returns whether the optimizer does it.
+        Full-batch binary runs only. The validation rows go below the training
+        rows: one forward pass over both, whose first rows are the training
+        pass the next backward pass reuses, and the loss, output activation and
+        accuracy passes run once over both. Returns whether the optimizer does it.
         """
         if not self.full_batch or self.net.task != "binary":
             return False
         n, n_val = self.X.shape[0], X_val.shape[0]
-        out = np.empty((n + n_val, self.Y.shape[1]), dtype=self.net.dtype)
-        self._val_fwd = Forward(self.net, self.theta, n_val)
-        self._bp._acts[-1] = out[:n]
-        self._val_fwd._acts[-1] = out[n:]
+        # The backward pass takes the first n rows of these buffers (acts(n) views).
+        self._bp = Backprop(self.net, self.theta, self.grad, n + n_val, self.config.weight_decay)
+        self._eval = self._bp
+        self._X_both = np.concatenate([self.X, X_val])
+        self._val_fwd = Forward(self.net, self.theta, n_val)  # the validation rows alone
         self._X_val = X_val
-        self._out = out
         self._stacked = BinaryLossAndOutput(np.concatenate([self.Y, Y_val]))
         self._Y_val = Y_val
         self._evaluated = None
@@ -198,12 +202,11 @@ class BackpropOptimizer(Optimizer):
         n = self.X.shape[0]
         if with_val and self._stacked is not None:
             if self._evaluated is None:
-                P = self._eval.forward(self.X)
-                self._val_fwd.forward(self._X_val)
-                first, rest = self._stacked.stacked(self._out, n)
+                out = self._bp.forward(self._X_both)
+                first, rest = self._stacked.stacked(out, n)
                 data_loss = float(first)
-                self._evaluated = (data_loss, data_loss + self._bp.l2_term(n), P)
-                self.val_scores = (float(rest), *self._stacked.stacked_accuracy(self._out, n))
+                self._evaluated = (data_loss, data_loss + self._bp.l2_term(n), out[:n])
+                self.val_scores = (float(rest), *self._stacked.stacked_accuracy(out, n))
             else:  # the training side is done already: the validation side alone
                 P_val = self._val_fwd.forward(self._X_val)
                 self._val_loss = BinaryLossAndOutput(self._Y_val)  # rare: allocated on demand
@@ -221,6 +224,7 @@ class BackpropOptimizer(Optimizer):
         lr = cfg.learning_rate / (1.0 + cfg.lr_decay * t)
         theta, grad, velocity, momentum = self.theta, self.grad, self.velocity, cfg.momentum
         np.copyto(self._start_of_step, theta)
+        self.version += 1
         reuse = self._evaluated[0] if self.full_batch and self._evaluated is not None else None
         self._evaluated = None
         self.val_scores = None
@@ -259,6 +263,7 @@ class BackpropOptimizer(Optimizer):
         """Go back to the parameters at the start of the last step."""
         super().revert()
         np.copyto(self.theta, self._start_of_step)
+        self.version += 1
         self._evaluated = None
         self.val_scores = None
 
@@ -302,6 +307,8 @@ class RandomWalkOptimizer(Optimizer):
         y = Y.argmax(axis=1) if net.task == "multiclass" else Y[:, 0]
         self._cands = Candidates(net, X, y, K)
         self._logits = np.empty((net.units[-1], X.shape[0]), dtype=net.dtype)  # at theta
+        self._outputs: tuple[int, np.ndarray] | None = None  # (version, output layer at theta)
+        self._proposed = -1  # version of theta at the last proposal
 
     @property
     def result_params(self) -> np.ndarray:
@@ -315,14 +322,17 @@ class RandomWalkOptimizer(Optimizer):
         np.copyto(self.best, self.theta)
 
     def train_eval(self) -> tuple[float, np.ndarray]:
-        return self.loss, self._cands.outputs(self._logits)
+        if self._outputs is None or self._outputs[0] != self.version:
+            self._outputs = (self.version, self._cands.outputs(self._logits))
+        return self.loss, self._outputs[1]
 
     def step(self, t: int) -> dict[str, float | None]:
         cfg = self.config
         sigma = self.sigma
         temperature = cfg.temperature * cfg.cooling**t
         cands = self._cands
-        cands.propose(self.theta, sigma, self.rng)
+        cands.propose(self.theta, sigma, self.rng, same_center=self._proposed == self.version)
+        self._proposed = self.version
         losses = cands.losses()
         k = cands.best  # the lowest loss (NaN counts as +inf)
         new_loss = _finite_or_inf(float(losses[k]))
@@ -332,6 +342,7 @@ class RandomWalkOptimizer(Optimizer):
         self.proposed += 1
         if accept:
             self.accepted += 1
+            self.version += 1
             cands.take(k, self.theta)
             np.copyto(self._logits, cands.best_logits())
             self.loss = new_loss

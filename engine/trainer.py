@@ -122,6 +122,8 @@ class Trainer:
         self._val = None if self._shared_val else Forward(net, self._opt.theta, len(self._X_val))
         self._binary_train = BinaryLossAndOutput(self._Y) if own_binary else None
         self._binary_val = BinaryLossAndOutput(self._Y_val) if own_binary else None
+        # (optimizer.version, scores) of the last record's own validation pass
+        self._scores_cache: tuple[int, dict[str, float | None]] | None = None
         #: Steps completed so far.
         self.step = 0
         self._evaluations = 0
@@ -210,23 +212,37 @@ class Trainer:
                 record["train_accuracy"] = train_acc
                 record["val_loss"] = _finite_or_none(val_loss)
                 record["val_accuracy"] = val_acc
-            elif self._binary_val is not None:
-                P_val = self._val.forward(self._X_val)
-                # no NaN or inf in a record: None instead (an accuracy is always finite)
-                record["train_accuracy"] = self._binary_train.accuracy(P)
-                record["val_loss"] = _finite_or_none(float(self._binary_val(P_val)))
-                record["val_accuracy"] = self._binary_val.accuracy(P_val)
             else:
-                P_val = self._val.forward(self._X_val)
-                scores = self._scores("train", P, self.data.y_train)
-                record["val_loss"] = float(self.net.loss_function(self._Y_val, P_val))
-                self.net.output_activation(P_val)
-                scores.update(self._scores("val", P_val, self.data.y_val))
-                scores["val_loss"] = record["val_loss"]
-                for key, value in scores.items():
-                    record[key] = None if value is None else _finite_or_none(float(value))
+                record.update(self._scores_here(P))
         self._track_best(record)
         return record
+
+    def _scores_here(self, P: np.ndarray) -> dict[str, float | None]:
+        """Accuracies (or R^2 and MAE) and the validation loss at the current parameters.
+
+        ``P`` is the training set's output layer there. A step that left the
+        parameters where they were (a rejected random-walk proposal) gets the
+        scores of the last record again, not recomputed: the same numbers.
+        """
+        version = self._opt.version
+        if self._scores_cache is not None and self._scores_cache[0] == version:
+            return self._scores_cache[1]
+        P_val = self._val.forward(self._X_val)
+        if self._binary_val is not None:
+            # no NaN or inf in a record: None instead (an accuracy is always finite)
+            scores: dict[str, float | None] = {
+                "train_accuracy": self._binary_train.accuracy(P),
+                "val_loss": _finite_or_none(float(self._binary_val(P_val))),
+                "val_accuracy": self._binary_val.accuracy(P_val),
+            }
+        else:
+            raw = self._scores("train", P, self.data.y_train)
+            raw["val_loss"] = float(self.net.loss_function(self._Y_val, P_val))
+            self.net.output_activation(P_val)
+            raw.update(self._scores("val", P_val, self.data.y_val))
+            scores = {k: None if v is None else _finite_or_none(float(v)) for k, v in raw.items()}
+        self._scores_cache = (version, scores)
+        return scores
 
     def _scores(self, split: str, P: np.ndarray, y: np.ndarray) -> dict[str, float]:
         task = self.data.task

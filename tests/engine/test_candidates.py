@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import ACTIVATIONS
-from engine.candidates import Candidates, NormalSource
+from engine.candidates import ZIGGURAT_BELOW, Candidates, NormalSource
 from engine.network import Network
 
 N_OUT = {"multiclass": 4, "binary": 1, "regression": 1}
@@ -95,6 +95,7 @@ def test_proposals_are_theta_plus_sigma_times_standard_normal_noise() -> None:
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_normal_source_draws_standard_normals(dtype) -> None:
     source = NormalSource(200_000, dtype)
+    assert not source.ziggurat
     out = np.empty(200_000, dtype=dtype)
     source.fill(np.random.default_rng(1), out, sigma=2.0)
     assert out.dtype == dtype
@@ -111,6 +112,21 @@ def test_normal_source_draws_standard_normals(dtype) -> None:
     again = np.empty_like(out)
     NormalSource(200_000, dtype).fill(np.random.default_rng(1), again, sigma=2.0)
     np.testing.assert_array_equal(out, again)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_normal_source_draws_standard_normals_by_numpy(dtype) -> None:
+    size = ZIGGURAT_BELOW - 2
+    source = NormalSource(size, dtype)
+    assert source.ziggurat
+    rng = np.random.default_rng(5)
+    draws = np.empty((400, size), dtype=dtype)
+    for row in draws:
+        source.fill(rng, row, sigma=0.5)
+    expected = np.random.default_rng(5).standard_normal(draws.shape, dtype=dtype) * 0.5
+    np.testing.assert_allclose(draws, expected, rtol=1e-6)  # NumPy's own draws, scaled
+    z = draws.astype(np.float64).ravel() / 0.5
+    assert abs(z.mean()) < 0.01 and abs(z.var() - 1) < 0.01
 
 
 def _exact_loss(net: Network, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:

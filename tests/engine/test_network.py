@@ -194,6 +194,23 @@ def test_sigmoid_does_not_overflow_for_large_inputs() -> None:
     assert Z[0] == 0.0 and Z[2] == 0.5 and Z[-1] == 1.0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_output_logistic_is_relatively_exact_and_never_overflows(dtype) -> None:
+    from engine.functions import OUTPUT_ACTIVATIONS
+
+    z = np.concatenate([np.linspace(-80, 80, 2001), [-1e4, -700.0, -89.0, 1e4]])
+    P = z.astype(dtype)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow is fine
+        OUTPUT_ACTIVATIONS["binary"](P)
+    zd = z.astype(dtype).astype(np.longdouble)  # the inputs as the function saw them
+    exact = (1 / (1 + np.exp(-zd))).astype(np.float64)
+    normal = exact > 1e3 * np.finfo(dtype).tiny
+    np.testing.assert_allclose(P[normal], exact[normal], rtol=4 * np.finfo(dtype).eps)
+    assert (P[~normal] >= 0).all()
+    assert (P[~normal] < (1e-300 if dtype == np.float64 else 1e-36)).all()
+    assert P[-1] == 1.0
+
+
 def test_batched_loss_scores_stacked_networks_like_single_ones() -> None:
     net, theta, X, Y = _problem("multiclass", [5], "tanh")
     stacked = np.stack([theta, theta * 0.5, theta + 0.1])
