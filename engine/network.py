@@ -9,7 +9,9 @@ are a ``(K, n_params)`` array whose views are ``(K, fan_in, fan_out)`` and
 ``(K, 1, fan_out)``, so one batched matmul evaluates all of them.
 
 The forward and backward passes follow scikit-learn's MLP
-(``_multilayer_perceptron.py``) step for step, into buffers allocated once.
+(``_multilayer_perceptron.py``) step for step, into buffers allocated once;
+``Forward`` and ``Backprop`` fold each layer's bias into its matrix product
+(``[a, 1] @ [W; b]``), one NumPy call a layer instead of two.
 """
 
 from __future__ import annotations
@@ -91,6 +93,20 @@ class Network:
             Ws.append(theta[..., w0:w1].reshape(*lead, fan_in, fan_out))
             bs.append(theta[..., b0:b1].reshape(*lead, 1, fan_out) if lead else theta[b0:b1])
         return Ws, bs
+
+    def unpack_augmented(self, theta: np.ndarray) -> list[np.ndarray]:
+        """Views ``[W_i; b_i]`` of shape ``(..., fan_in + 1, fan_out)`` into ``theta``.
+
+        The layout puts each layer's bias right after its weights, so a layer's
+        weights and bias are one block: the bias is its last row.
+        """
+        lead = theta.shape[:-1]
+        return [
+            theta[..., w0:b1].reshape(*lead, fan_in + 1, fan_out)
+            for (w0, _), (_, b1), fan_in, fan_out in zip(
+                self.w_spans, self.b_spans, self.units[:-1], self.units[1:], strict=True
+            )
+        ]
 
     def weight_mask(self) -> np.ndarray:
         """Boolean ``(n_params,)``, True on weights, False on biases."""
@@ -178,6 +194,12 @@ class Network:
 class Forward:
     """Forward passes of one network through buffers allocated once.
 
+    The biases ride in the matrix products: layer ``i`` multiplies its input
+    with a column of ones appended, ``[a, 1]``, by ``[W_i; b_i]`` (the
+    ``(fan_in + 1, fan_out)`` block that ``W_i`` and ``b_i`` already form in
+    ``theta``), so a layer is one product and no separate bias pass. Hidden
+    layers' buffers carry that column of ones for the next layer.
+
     Parameters
     ----------
     net : Network
@@ -191,28 +213,73 @@ class Forward:
     def __init__(self, net: Network, theta: np.ndarray, capacity: int) -> None:
         self.net = net
         self.Ws, self.bs = net.unpack(theta)
+        self.As = net.unpack_augmented(theta)
         lead = theta.shape[:-1]
-        self._acts = [np.empty((*lead, capacity, u), dtype=net.dtype) for u in net.units[1:]]
+        last = net.n_layers - 1
+        self._acts = []
+        for i, u in enumerate(net.units[1:]):
+            buf = np.empty((*lead, capacity, u + (i < last)), dtype=net.dtype)
+            if i < last:
+                buf[..., -1] = 1
+            self._acts.append(buf)
+        # f(1) == 1: the activation leaves the column of ones as it is
+        self._ones_kept = net.activation in ("relu", "leaky_relu", "identity")
+        self._inputs: np.ndarray | None = None  # [X, 1] for callers that pass X
         self._views: dict[int, list[np.ndarray]] = {}
 
     def acts(self, m: int) -> list[np.ndarray]:
-        """The activation buffers for ``m`` samples (cached views)."""
+        """The activation buffers for ``m`` samples (cached views; hidden ones with the ones)."""
         views = self._views.get(m)
         if views is None:
             views = [a[..., :m, :] for a in self._acts]
             self._views[m] = views
         return views
 
+    def inputs(self, X: np.ndarray) -> np.ndarray:
+        """``[X, 1]``: ``X`` itself when it has the column of ones already (``augment``)."""
+        if X.shape[-1] == self.net.units[0] + 1:
+            return X
+        m = X.shape[0]
+        if self._inputs is None or self._inputs.shape[0] < m:
+            self._inputs = augment(np.empty((m, X.shape[1]), dtype=self.net.dtype))
+        X1 = self._inputs[:m]
+        X1[:, :-1] = X
+        return X1
+
     def forward(self, X: np.ndarray) -> np.ndarray:
         """Output logits for ``X`` (at most ``capacity`` rows), in the internal buffer.
 
+        ``X`` is ``(n_samples, n_features)``, or ``augment(X)`` (no copy then).
         Returns an array of shape ``(..., n_samples, n_outputs)`` valid until the next pass.
         """
-        return self.net.forward(self.Ws, self.bs, X, self.acts(X.shape[0]))
+        a = self.inputs(X)
+        acts = self.acts(a.shape[-2])
+        last = len(acts) - 1
+        activation = self.net.hidden_activation
+        for i, (A, z) in enumerate(zip(self.As, acts, strict=True)):
+            if i == last:
+                np.matmul(a, A, out=z)
+                return z
+            np.matmul(a, A, out=z[..., :-1])
+            activation(z)  # the whole buffer: one contiguous pass
+            if not self._ones_kept:
+                z[..., -1] = 1
+            a = z
+        raise AssertionError("a network has at least one layer")  # pragma: no cover
+
+
+def augment(X: np.ndarray) -> np.ndarray:
+    """``[X, 1]``: a new C-contiguous array with a column of ones after ``X``'s columns."""
+    X1 = np.ones((*X.shape[:-1], X.shape[-1] + 1), dtype=X.dtype)
+    X1[..., :-1] = X
+    return X1
 
 
 class Backprop(Forward):
     """Forward pass, loss and backward pass for one network, into buffers allocated once.
+
+    As ``Forward``, every layer's weights and bias are one block, so the
+    gradient of a layer, ``[a, 1]^T delta``, is one product too.
 
     Parameters
     ----------
@@ -233,9 +300,11 @@ class Backprop(Forward):
         super().__init__(net, theta, capacity)
         self.alpha = float(alpha)
         self.gWs, self.gbs = net.unpack(grad)
+        self.gAs = net.unpack_augmented(grad)
         self.grad = grad
-        self._deltas = [np.empty((capacity, u), dtype=net.dtype) for u in net.units[1:-1]]
-        self._ones = np.ones(capacity, dtype=net.dtype)
+        # Errors at the hidden layers, one column wider than the layer (it is never read:
+        # the product that makes it is the next one's shape, and cheaper uncut).
+        self._deltas = [np.empty((capacity, u + 1), dtype=net.dtype) for u in net.units[1:-1]]
         self._delta_views: dict[int, list[np.ndarray]] = {}
 
     def deltas(self, m: int) -> list[np.ndarray]:
@@ -258,7 +327,7 @@ class Backprop(Forward):
 
         Parameters
         ----------
-        X : ndarray of shape (n_samples, n_features)
+        X : ndarray of shape (n_samples, n_features), or ``augment(X)``
         Y : ndarray of shape (n_samples, n_outputs)
             One-hot classes, 0/1 column, or regression targets.
         forward_done : float, optional
@@ -277,12 +346,12 @@ class Backprop(Forward):
         bias_grads : list of ndarray, ``scale * dE/db_i`` (views into ``grad``)
         """
         net = self.net
-        m = X.shape[0]
+        X1 = self.inputs(X)
+        m = X1.shape[0]
         acts = self.acts(m)
         deltas = self.deltas(m)
-        Ws, gWs, gbs = self.Ws, self.gWs, self.gbs
         if forward_done is None:
-            P = net.forward(Ws, self.bs, X, acts)
+            P = self.forward(X1)
             loss = float(net.loss_and_output(Y, P))
         else:
             P, loss = acts[-1], forward_done
@@ -295,21 +364,19 @@ class Backprop(Forward):
         delta = P
         delta -= Y
         delta *= scale / m
-        ones = self._ones[:m]
         for i in range(net.n_layers - 1, -1, -1):
-            a_prev = acts[i - 1] if i else X
-            np.matmul(a_prev.T, delta, out=gWs[i])
+            a_prev = acts[i - 1] if i else X1  # with its column of ones
+            np.matmul(a_prev.T, delta, out=self.gAs[i])  # [dE/dW_i; dE/db_i] in one product
             if alpha:
-                gWs[i] += (alpha * scale / m) * Ws[i]
-            np.matmul(ones, delta, out=gbs[i])  # column sums, as one BLAS call
+                self.gWs[i] += (alpha * scale / m) * self.Ws[i]
             if i:
                 d = deltas[i - 1]
                 if delta.shape[1] == 1:
                     # One unit above: an outer product, exactly (one product per entry)
                     # and without the cost of a BLAS call on a rank-1 problem.
-                    np.multiply(delta, Ws[i].T, out=d)
+                    np.multiply(delta, self.As[i].T, out=d)
                 else:
-                    np.matmul(delta, Ws[i].T, out=d)
+                    np.matmul(delta, self.As[i].T, out=d)
                 net.derivative(a_prev, d)
-                delta = d
-        return loss, gWs, gbs
+                delta = d[:, :-1]
+        return loss, self.gWs, self.gbs

@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.candidates import Candidates
 from engine.functions import BinaryLossAndOutput
-from engine.network import Backprop, Forward, Network
+from engine.network import Backprop, Forward, Network, augment
 
 #: Random walk with adapt_step: log(sigma) moves by this times (accepted - target)
 #: after every iteration, so the acceptance rate settles near the target.
@@ -130,6 +130,7 @@ class BackpropOptimizer(Optimizer):
         n = X.shape[0]
         self.batch = n if config.batch_size is None else min(config.batch_size, n)
         self.full_batch = self.batch == n
+        self._X1 = augment(X)  # [X, 1]: the passes take their inputs so (see Forward)
         self.grad = np.zeros_like(self.theta)
         self.velocity = np.zeros_like(self.theta) if config.momentum else None
         self._start_of_step = np.empty_like(self.theta)
@@ -154,7 +155,7 @@ class BackpropOptimizer(Optimizer):
         self.order: np.ndarray | None = None
         if not self.full_batch:
             # The shuffled epoch lives in these buffers; batches are fixed views of them.
-            self._Xs = np.empty_like(X)
+            self._Xs = np.empty_like(self._X1)
             self._Ys = np.empty_like(Y)
             self._batches = [
                 (self._Xs[s : s + self.batch], self._Ys[s : s + self.batch])
@@ -175,9 +176,9 @@ class BackpropOptimizer(Optimizer):
         # The backward pass takes the first n rows of these buffers (acts(n) views).
         self._bp = Backprop(self.net, self.theta, self.grad, n + n_val, self.config.weight_decay)
         self._eval = self._bp
-        self._X_both = np.concatenate([self.X, X_val])
+        self._X_both = augment(np.concatenate([self.X, X_val]))
         self._val_fwd = Forward(self.net, self.theta, n_val)  # the validation rows alone
-        self._X_val = X_val
+        self._X_val = self._X_both[n:]
         self._stacked = BinaryLossAndOutput(np.concatenate([self.Y, Y_val]))
         self._Y_val = Y_val
         self._evaluated = None
@@ -214,7 +215,7 @@ class BackpropOptimizer(Optimizer):
                 train_acc = self._loss_and_output.accuracy(self._evaluated[2])
                 self.val_scores = (val_loss, train_acc, self._val_loss.accuracy(P_val))
         elif self._evaluated is None:
-            P = self._eval.forward(self.X)
+            P = self._eval.forward(self._X1)
             data_loss = float(self._loss_and_output(P))
             self._evaluated = (data_loss, data_loss + self._bp.l2_term(n), P)
         return self._evaluated[1:]
@@ -232,14 +233,14 @@ class BackpropOptimizer(Optimizer):
         loss, grad_norm = 0.0, None
         if self.full_batch:
             batches: list[tuple[np.ndarray, np.ndarray]] = []
-            loss = backprop(self.X, self.Y, reuse, lr)[0]  # grad = lr * dE/dtheta
+            loss = backprop(self._X1, self.Y, reuse, lr)[0]  # grad = lr * dE/dtheta
             if math.isfinite(loss):
                 grad_norm = self._sqrt(np.dot(grad, grad)) / lr
                 _update(theta, grad, velocity, momentum)
         else:
             order = self.rng.permutation(self.X.shape[0])
             self.order = order
-            np.take(self.X, order, axis=0, out=self._Xs, mode="clip")
+            np.take(self._X1, order, axis=0, out=self._Xs, mode="clip")
             np.take(self.Y, order, axis=0, out=self._Ys, mode="clip")
             batches = self._batches
         last = len(batches) - 1

@@ -53,7 +53,7 @@ from engine.datasets import INIT_STREAM, TRAIN_STREAM, Dataset, stream
 from engine.errors import ConfigError
 from engine.functions import BinaryLossAndOutput
 from engine.metrics import RECORD_FIELDS
-from engine.network import Forward, Network
+from engine.network import Forward, Network, augment
 from engine.optimizers import OPTIMIZER_CLASSES, Optimizer
 
 CHECKPOINT_FORMAT = "mlpq-checkpoint-1"
@@ -120,6 +120,7 @@ class Trainer:
         own_binary = binary and not self._shared_val
         # Validation passes of the trainer's own (the optimizer's when shared).
         self._val = None if self._shared_val else Forward(net, self._opt.theta, len(self._X_val))
+        self._X_val1 = None if self._shared_val else augment(self._X_val)  # [X_val, 1]
         self._binary_train = BinaryLossAndOutput(self._Y) if own_binary else None
         self._binary_val = BinaryLossAndOutput(self._Y_val) if own_binary else None
         # (optimizer.version, scores) of the last record's own validation pass
@@ -227,7 +228,7 @@ class Trainer:
         version = self._opt.version
         if self._scores_cache is not None and self._scores_cache[0] == version:
             return self._scores_cache[1]
-        P_val = self._val.forward(self._X_val)
+        P_val = self._val.forward(self._X_val1)
         if self._binary_val is not None:
             # no NaN or inf in a record: None instead (an accuracy is always finite)
             scores: dict[str, float | None] = {
