@@ -4,8 +4,9 @@ A run holds one pooled connection from its claim to its final write, and every
 write is a short transaction on it. Round trips for a run that finishes within
 one flush interval on PostgreSQL: the claim (one UPDATE ... RETURNING) and the
 final write (one statement: status and summary, metrics, weights), both in
-autocommit. Longer runs add one transaction per flush or heartbeat, and per
-checkpoint.
+autocommit, as prepared statements (the first run on a connection prepares them:
+one more round trip each). Longer runs add one transaction per flush or
+heartbeat, and per checkpoint.
 """
 
 from __future__ import annotations

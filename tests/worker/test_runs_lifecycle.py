@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import threading
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import pytest
 from sqlalchemy import Engine, select
 from worker_testlib import TINY_BACKPROP, add_runs, metric_steps, run_rows
 
-from service.models import Artifact, ArtifactKind, Run, RunStatus, utcnow
+from engine.metrics import RECORD_FIELDS
+from service.models import Artifact, ArtifactKind, Run, RunStatus, metrics, utcnow
 from service.runs import (
     Beat,
     Claim,
@@ -251,6 +254,151 @@ def test_finish_writes_result_in_one_go_and_drops_the_checkpoint(store_engine: E
             select(Artifact.kind, Artifact.data).where(Artifact.run_id == run_id)
         ).all()
     assert [(ArtifactKind(k), d) for k, d in arts] == [(ArtifactKind.weights, weights)]
+
+
+def _full_record(step: int) -> dict[str, Any]:
+    """A record as the engine makes it: every field, None where a metric does not apply."""
+    record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+    record.update(
+        step=step,
+        train_loss=1 / (3 * step),
+        val_loss=None if step == 5 else 2 / (7 * step),  # some steps only
+        train_accuracy=np.float32(0.5),
+        evaluations=step + 1,  # an int in a float column
+        elapsed=math.inf if step == 6 else 1e-300 * step,
+        grad_norm=-0.0,
+    )
+    return record
+
+
+def test_final_metrics_keep_stored_steps_and_store_every_value_exactly(
+    store_engine: Engine,
+) -> None:
+    (run_id,) = add_runs(store_engine, [TINY_BACKPROP])
+    claim = _claim(store_engine, run_id, "w:1")
+    with _session(store_engine) as session:
+        save_progress(
+            session=session,
+            run_id=run_id,
+            worker="w:1",
+            attempt=claim.attempt,
+            records=_records(range(1, 4)),
+        )
+    # Steps 2 and 3 again, with other values (a worker whose flush committed unseen).
+    records = [_full_record(step) for step in range(2, 7)]
+    with _session(store_engine) as session:
+        assert finish_run(
+            session=session,
+            run_id=run_id,
+            worker="w:1",
+            attempt=claim.attempt,
+            status=RunStatus.succeeded,
+            records=records,
+            has_artifacts=False,
+        )
+    with store_engine.connect() as conn:
+        rows = conn.execute(select(metrics).where(metrics.c.run_id == run_id).order_by("step"))
+        stored = {row.step: row._asdict() for row in rows}
+    assert sorted(stored) == [1, 2, 3, 4, 5, 6]
+    for step in (1, 2, 3):  # the first value stays
+        assert (stored[step]["train_loss"], stored[step]["evaluations"]) == (1.0 / step, None)
+    for step in (4, 5, 6):
+        expected = {name: _full_record(step)[name] for name in RECORD_FIELDS}
+        assert {name: stored[step][name] for name in RECORD_FIELDS} == expected
+
+
+@pytest.mark.postgres
+def test_final_metrics_keep_nan_and_negative_zero_on_postgresql(pg_store_url: str) -> None:
+    from service.db import make_engine
+
+    engine = make_engine(pg_store_url)
+    try:
+        (run_id,) = add_runs(engine, [TINY_BACKPROP])
+        claim = _claim(engine, run_id, "w:1")
+        record = {**_full_record(1), "val_accuracy": math.nan}
+        with _session(engine) as session:
+            assert finish_run(
+                session=session,
+                run_id=run_id,
+                worker="w:1",
+                attempt=claim.attempt,
+                status=RunStatus.succeeded,
+                records=[record],
+            )
+        with engine.connect() as conn:
+            nan, zero = conn.execute(select(metrics.c.val_accuracy, metrics.c.grad_norm)).one()
+        assert math.isnan(nan) and math.copysign(1.0, zero) == -1.0
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_lost_connection_is_invalidated_and_the_next_claim_reconnects(
+    pg_store_url: str,
+) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    from service.db import make_engine
+
+    engine = make_engine(pg_store_url)
+    try:
+        first, second = add_runs(engine, [TINY_BACKPROP, {**TINY_BACKPROP, "seed": 1}])
+        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        claim = claim_run(
+            session=conn, run_id=first, worker="w:1", stale_seconds=STALE, max_attempts=3
+        )
+        assert isinstance(claim, Claim)
+        pid = conn.connection.driver_connection.info.backend_pid
+        with engine.connect() as admin:
+            admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid}, 10000)")
+        with pytest.raises(DBAPIError) as lost:
+            finish_run(
+                session=conn,
+                run_id=first,
+                worker="w:1",
+                attempt=claim.attempt,
+                status=RunStatus.succeeded,
+                records=_records(range(1, 3)),
+            )
+        assert lost.value.connection_invalidated and conn.invalidated
+        again = claim_run(
+            session=conn, run_id=second, worker="w:1", stale_seconds=STALE, max_attempts=3
+        )
+        assert isinstance(again, Claim)
+        assert conn.connection.driver_connection.info.backend_pid != pid
+        conn.close()
+        assert RunStatus(run_rows(engine)[first].status) is RunStatus.running  # nothing written
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_refused_final_write_raises_and_leaves_the_connection_usable(pg_store_url: str) -> None:
+    from sqlalchemy.exc import DataError
+
+    from service.db import make_engine
+
+    engine = make_engine(pg_store_url)
+    try:
+        (run_id,) = add_runs(engine, [TINY_BACKPROP])
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            claim = claim_run(
+                session=conn, run_id=run_id, worker="w:1", stale_seconds=STALE, max_attempts=3
+            )
+            finish = dict(
+                session=conn,
+                run_id=run_id,
+                worker="w:1",
+                attempt=claim.attempt,
+                status=RunStatus.failed,
+            )
+            with pytest.raises(DataError) as refused:
+                finish_run(**finish, error="a NUL \x00 in the traceback")
+            assert not refused.value.connection_invalidated and not conn.invalidated
+            assert finish_run(**finish, error="the traceback")
+        assert run_rows(engine)[run_id].error == "the traceback"
+    finally:
+        engine.dispose()
 
 
 def test_reap_requeues_stale_runs_and_settles_cancelled_and_exhausted(

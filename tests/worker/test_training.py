@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,17 @@ def _execute(run_id: int, settings: Any) -> str:
 
 
 def test_tiny_run_takes_two_short_transactions(settings: Any, engine: Engine) -> None:
+    if engine.dialect.name == "postgresql":
+        # Claim: UPDATE ... RETURNING. Final write: one statement (WITH: the guarded
+        # UPDATE, the metric rows, the weights). Both in autocommit: no BEGIN, no COMMIT.
+        first, run_id = add_runs(engine, [TINY_BACKPROP, TINY_BACKPROP])
+        assert _execute(first, settings) == "succeeded"  # prepares the two statements
+        assert [s.split(None, 1)[0] for s in _round_trips(engine, run_id, settings)] == [
+            "UPDATE",
+            "WITH",
+        ]
+        assert metric_steps(engine, run_id) == list(range(1, TINY_BACKPROP["max_steps"] + 1))
+        return
     (run_id,) = add_runs(engine, [TINY_BACKPROP])
     statements: list[str] = []
 
@@ -45,18 +57,52 @@ def test_tiny_run_takes_two_short_transactions(settings: Any, engine: Engine) ->
         assert _execute(run_id, settings) == "succeeded"
     finally:
         event.remove(engine, "before_cursor_execute", count)
-    if engine.dialect.name == "postgresql":
-        # Claim: UPDATE ... RETURNING. Final write: one statement (WITH: the guarded
-        # UPDATE, the metric rows, the weights). Both in autocommit: no BEGIN, no COMMIT.
-        assert statements == ["UPDATE", "WITH"]
-    else:
-        # Claim: UPDATE ... RETURNING. Final write: UPDATE, the metric batch (in a
-        # savepoint; executemany goes around this hook), INSERT of the weights. No
-        # SELECT, no DELETE: a first attempt has no checkpoint to replace.
-        writes = [s for s in statements if s not in ("BEGIN", "SAVEPOINT", "RELEASE")]
-        assert writes == ["UPDATE", "UPDATE", "INSERT"]
-        assert statements.count("BEGIN") in (0, 2)  # BEGIN IMMEDIATE passes the hook
+    # Claim: UPDATE ... RETURNING. Final write: UPDATE, the metric batch (in a
+    # savepoint; executemany goes around this hook), INSERT of the weights. No
+    # SELECT, no DELETE: a first attempt has no checkpoint to replace.
+    writes = [s for s in statements if s not in ("BEGIN", "SAVEPOINT", "RELEASE")]
+    assert writes == ["UPDATE", "UPDATE", "INSERT"]
+    assert statements.count("BEGIN") in (0, 2)  # BEGIN IMMEDIATE passes the hook
     assert metric_steps(engine, run_id) == list(range(1, TINY_BACKPROP["max_steps"] + 1))
+
+
+def _kept_driver(engine: Engine) -> Any:
+    from worker.training import _KEPT
+
+    return _KEPT[(engine, os.getpid())].connection.driver_connection
+
+
+def _round_trips(engine: Engine, run_id: int, settings: Any) -> list[str]:
+    """Run ``run_id`` on the worker's kept PostgreSQL connection; the statement of each round trip.
+
+    Read from libpq's trace of the wire, so statements sent around SQLAlchemy count
+    too, and so would a BEGIN or COMMIT (a simple Query message: listed as such).
+    """
+    from psycopg import pq
+
+    driver = _kept_driver(engine)
+    with tempfile.TemporaryFile("w+") as trace:
+        driver.pgconn.trace(trace.fileno())
+        driver.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            assert _execute(run_id, settings) == "succeeded"
+        finally:
+            driver.pgconn.untrace()
+        trace.seek(0)
+        sent = [line.rstrip("\n").split("\t")[2:] for line in trace if line.startswith("F\t")]
+    prepared = dict(driver.execute("SELECT name, statement FROM pg_prepared_statements"))
+    trips: list[str] = []
+    for kind, *args in sent:
+        if kind == "Query":  # the simple protocol: a round trip of its own
+            trips.append(args[0].strip().strip('"'))
+        elif kind == "Bind":  # of a prepared statement: ' "<portal>" "<statement>" ...'
+            trips.append(prepared[args[0].split('"')[3]])
+        elif kind == "Parse":  # a statement prepared or sent unnamed: ' "<name>" "<text>" ...'
+            trips.append(args[0].split('"')[3])
+    syncs = sum(1 for kind, *_ in sent if kind == "Sync")
+    queries = sum(1 for kind, *_ in sent if kind == "Query")
+    assert syncs + queries == len(trips), sent  # one statement per round trip
+    return trips
 
 
 def test_time_limit_stops_a_run_as_succeeded_with_what_it_reached(
@@ -85,30 +131,44 @@ def test_an_exception_fails_the_run_with_its_traceback(settings: Any, engine: En
 def test_only_the_final_write_skips_the_wal_flush(pg_store_url: str, tmp_path: Path) -> None:
     from service.db import get_engine
     from service.settings import load_settings
-    from worker.training import _KEPT
 
     settings = load_settings(database_url=pg_store_url, home=tmp_path / "home")
     engine = get_engine(pg_store_url)
-    (run_id,) = add_runs(engine, [TINY_BACKPROP])
-    statements: list[str] = []
-
-    def record(_conn, _cursor, statement, *_args) -> None:
-        statements.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        assert _execute(run_id, settings) == "succeeded"
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-    claim, final = statements
+    first, run_id = add_runs(engine, [TINY_BACKPROP, TINY_BACKPROP])
+    assert _execute(first, settings) == "succeeded"
+    claim, final = _round_trips(engine, run_id, settings)
     setting = "set_config('synchronous_commit', 'off', true)"
     assert setting not in claim  # a lost claim is repaired by nobody: it waits for the flush
     assert setting in final
     # ... and the setting ended with the final write's transaction: the worker's kept
     # connection commits its next claim synchronously again.
-    conn = _KEPT[(engine, os.getpid())]
-    assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
+    assert _kept_driver(engine).execute("SHOW synchronous_commit").fetchone() == ("on",)
     assert run_rows(engine)[run_id].status == RunStatus.succeeded
+
+
+@pytest.mark.postgres
+def test_a_kept_connection_the_server_dropped_is_replaced_at_the_next_claim(
+    pg_store_url: str, tmp_path: Path
+) -> None:
+    from service.db import get_engine, make_engine
+    from service.settings import load_settings
+
+    settings = load_settings(database_url=pg_store_url, home=tmp_path / "home")
+    engine = get_engine(pg_store_url)
+    first, run_id = add_runs(engine, [TINY_BACKPROP, {**TINY_BACKPROP, "seed": 1}])
+    assert _execute(first, settings) == "succeeded"
+    dropped = _kept_driver(engine).info.backend_pid
+    admin = make_engine(pg_store_url)
+    try:
+        with admin.connect() as conn:  # as a server restart would
+            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({dropped}, 10000)").scalar()
+    finally:
+        admin.dispose()
+    assert _execute(run_id, settings) == "succeeded"
+    assert _kept_driver(engine).info.backend_pid != dropped
+    row = run_rows(engine)[run_id]
+    assert (RunStatus(row.status), row.attempt) == (RunStatus.succeeded, 1)
+    assert metric_steps(engine, run_id) == list(range(1, TINY_BACKPROP["max_steps"] + 1))
 
 
 def test_runs_of_one_dataset_and_seed_share_one_read_only_copy(
