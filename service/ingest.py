@@ -183,11 +183,14 @@ def pg_metric_arrays(run_id: int, records: Iterable[Mapping[str, Any]]) -> list[
     full = [column for column in metrics if None not in column]
     elements = np.empty((len(full), n), PgFloat8Array.ELEMENTS)
     elements["size"] = 8
-    elements["value"] = full
+    if full:  # NumPy cannot broadcast an empty list into shape (0, n)
+        elements["value"] = full
     packed = iter(elements)
     header = _ARRAY_HEADER.pack(1, 0, PgFloat8Array.ELEMENT_OID, n, 1)
     return [
-        _pg_array(PgInt4Array, steps),
+        # operator.index: a float step fails, as it did in an array literal, instead of
+        # being truncated by NumPy.
+        _pg_array(PgInt4Array, list(map(operator.index, steps))),
         *(
             _pg_array(PgFloat8Array, column)
             if None in column

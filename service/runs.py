@@ -224,7 +224,7 @@ def _pg_first_row(conn: Connection, statement: str, params: dict[str, Any]) -> t
 
 @lru_cache(maxsize=8)
 def _pg_finish_statement(*, metrics: bool, weights: bool, drop: bool) -> str:
-    """The one statement of a run's final write on PostgreSQL (psycopg ``%(name)s`` style).
+    """The one statement of a run's final write on PostgreSQL (psycopg placeholders).
 
     ``fin`` is the guarded UPDATE; every other part reads its id, so a worker that
     no longer owns the run writes nothing. Metric rows arrive as one binary array per

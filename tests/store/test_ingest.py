@@ -222,3 +222,19 @@ def test_datasets_are_stored_once_by_content_hash(store_engine: Engine) -> None:
     assert [tuple(r) for r in rows] == [("train.csv", len(data))]
     with pytest.raises(NotFoundError, match="no dataset with sha256 " + "0" * 64):
         load_dataset_bytes(store_engine, "0" * 64)
+
+
+def test_metric_arrays_for_postgresql_refuse_a_float_step_and_leave_absent_metrics_null() -> None:
+    from service.ingest import PgFloat8Array, PgInt4Array, pg_metric_arrays
+
+    arrays = pg_metric_arrays(1, [{"step": 1, "train_loss": 0.5}, {"step": 2, "val_loss": 0.25}])
+    by_field = dict(zip(RECORD_FIELDS, arrays, strict=True))
+    assert isinstance(by_field["step"], PgInt4Array)
+    assert isinstance(by_field["train_loss"], PgFloat8Array)  # NULL at step 2
+    assert isinstance(by_field["val_loss"], PgFloat8Array)
+    assert {name for name, a in by_field.items() if a is None} == set(METRICS) - {
+        "train_loss",
+        "val_loss",
+    }
+    with pytest.raises(TypeError):
+        pg_metric_arrays(1, [{"step": 3.7, "train_loss": 0.5}])
