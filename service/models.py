@@ -186,8 +186,6 @@ class Artifact(Base):
     # {"W0": [64, 32], "b0": [32], ...} so shapes are visible from SQL.
     shapes: Mapped[dict[str, Any]] = mapped_column(JSON)
     step: Mapped[int | None] = mapped_column(Integer)  # checkpoints: the step they hold
-    # PostgreSQL compresses it with lz4 where the server has it (migration 0002: Alembic
-    # cannot compare a column's compression, so these models do not say it).
     data: Mapped[bytes] = mapped_column(LargeBinary)
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,52 +178,5 @@ def test_concurrent_upgrades_of_an_empty_postgres_schema_migrate_it_once(
             start.set()
             assert [p.get(timeout=60) for p in pending] == [head_revision()] * 3
         assert schema_diff(engine) == []
-    finally:
-        engine.dispose()
-
-
-def _artifact_compression(engine: Engine) -> tuple[str, str | None]:
-    """(the column's compression setting, the stored value's method) of artifacts.data."""
-    with engine.connect() as conn:
-        setting = conn.execute(
-            text(
-                "SELECT attcompression FROM pg_attribute "
-                "WHERE attrelid = 'artifacts'::regclass AND attname = 'data'"
-            )
-        ).scalar_one()
-        stored = conn.execute(text("SELECT pg_column_compression(data) FROM artifacts")).scalar()
-    return setting, stored
-
-
-def test_postgres_compresses_artifacts_with_lz4_where_the_server_has_it(
-    pg_store_url: str, add_runs: Callable[..., list[int]]
-) -> None:
-    import io
-
-    import numpy as np
-
-    from service.ingest import save_artifact
-    from service.models import ArtifactKind
-
-    engine = make_engine(pg_store_url)
-    try:
-        with engine.connect() as conn:
-            lz4 = conn.execute(
-                text(
-                    "SELECT 'lz4' = ANY (enumvals) FROM pg_settings "
-                    "WHERE name = 'default_toast_compression'"
-                )
-            ).scalar()
-        if not lz4:
-            pytest.skip("this PostgreSQL server has no lz4")
-        (run_id,) = add_runs(engine, 1)
-        buf = io.BytesIO()
-        np.savez(buf, W0=np.zeros((64, 16)))  # compressible, beyond the 2 KB inline limit
-        save_artifact(engine, run_id, ArtifactKind.weights, buf.getvalue())
-        assert _artifact_compression(engine) == ("l", "lz4")
-        downgrade(engine, "0001")
-        assert _artifact_compression(engine)[0] == ""  # the server's default again
-        upgrade(engine)
-        assert _artifact_compression(engine)[0] == "l"
     finally:
         engine.dispose()
