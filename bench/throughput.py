@@ -8,8 +8,10 @@ invocation with the same worker command and broker: the same number of no-op
 tasks (``mlpq.ping``). Each figure is the time from the submit (for the runs:
 storing them, then publishing) to the last message done (every run finished in
 SQL; the Redis queue and its unacked set empty for the no-ops), workers already
-up; the runs once, the no-op reference just before and just after them (the mean
-of the two times). Beside them, where the CPU went during the
+up. The two take turns in rounds (``--rounds``, default 4: a quarter of the runs
+each, and as many no-ops), starting and ending with the no-ops, so drift in the
+machine's speed during the benchmark falls on both figures alike; each figure is
+its total count over its total time. Beside them, where the CPU went during the
 runs (from /proc, per run): the worker's processes, its main process,
 PostgreSQL, Redis and the whole machine (2 cores give 2 s of CPU a second).
 A second reference bounds what any queue and store could reach: the engine
@@ -21,7 +23,7 @@ persistence), PostgreSQL a schema of its own in ``MLPQ_BENCH_PG_URL``; both are
 removed at the end. The last line is JSON. ``--quick`` uses 300 runs and ends
 within a minute.
 
-    python bench/throughput.py [--quick] [--runs N] [--concurrency 2]
+    python bench/throughput.py [--quick] [--runs N] [--rounds R] [--concurrency 2]
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from worker.local import worker_command, worker_environment
 PG_URL = os.environ.get("MLPQ_BENCH_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 PING_TASK = "mlpq.ping"
 GRID = """\
-name: throughput
+name: {name}
 datasets: [moons]
 seeds: {seeds}
 model: {{hidden: [[16]], activation: tanh}}
@@ -269,20 +271,39 @@ def finished(engine: Engine) -> int:
         ).scalar_one()
 
 
+def start_profilers(folder: Path, pids: list[int]) -> list[subprocess.Popen]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [
+                *("py-spy", "record", "--pid", str(pid), "--idle", "--rate", "250"),
+                *("--format", "raw", "-o", str(folder / f"worker-{pid}.txt")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="300 runs; ends within a minute")
-    parser.add_argument("--runs", type=int, default=None, help="runs (even; default 2000)")
+    parser.add_argument("--runs", type=int, default=None, help="runs (default 2000)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="alternations of the two (default 4; quick 2)"
+    )
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
     parser.add_argument(
         "--profile",
         type=Path,
         default=None,
-        help="py-spy record the worker children into this folder",
+        help="py-spy record the worker's processes into this folder (no-op rounds included)",
     )
     args = parser.parse_args()
-    runs = args.runs or (300 if args.quick else 2000)
-    runs += runs % 2
+    rounds = args.rounds or (2 if args.quick else 4)
+    per_round = -(-(args.runs or (300 if args.quick else 2000)) // (2 * rounds)) * 2
+    runs = per_round * rounds
     # Other work on the machine slows the runs (CPU-bound: children, PostgreSQL, the
     # worker's main process) far more than the no-op tasks (bound by the main process).
     load_before = os.getloadavg()[0]
@@ -303,67 +324,55 @@ def main() -> None:
         app = make_app(load_settings(**settings))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLPQ_")}
         env.update({f"MLPQ_{k.upper()}": str(v) for k, v in settings.items()})
-        grid_file = tmp / "grid.yaml"
-        grid_file.write_text(GRID.format(seeds=runs // 2))
-        grid = load_grid(grid_file, max_runs=runs, yes=True)
-        assert len(grid.runs) == runs, len(grid.runs)
+        # One grid a round, with seeds of its own (the same seeds would be skipped as done).
+        grids = []
+        for r in range(rounds):
+            seeds = list(range(r * per_round // 2, (r + 1) * per_round // 2))
+            grid_file = tmp / f"grid-{r}.yaml"
+            grid_file.write_text(GRID.format(name=f"throughput-{r}", seeds=seeds))
+            grids.append(load_grid(grid_file, max_runs=per_round, yes=True))
+            assert len(grids[-1].runs) == per_round, len(grids[-1].runs)
 
         # The engine alone on the same configs, in this process: what no queue or store could beat.
-        engine_s = engine_seconds_per_run([r.config for r in grid.runs], sample=200)
+        configs = [run.config for grid in grids for run in grid.runs]
+        engine_s = engine_seconds_per_run(configs, sample=200)
 
         workers = Workers(env, args.concurrency, tmp / "worker.log")
         workers.wait_ready(app)
+        profilers = []
+        if args.profile:
+            profilers = start_profilers(args.profile, [workers.proc.pid, *workers.children()])
+            time.sleep(1.0)
 
-        def noop_seconds() -> float:
+        def noop_round() -> float:
             start = time.perf_counter()
-            publish_pings(app, runs)
+            publish_pings(app, per_round)
             wait_until(redis.idle, 300, "the no-op tasks")
             return time.perf_counter() - start
 
-        # Reference: no-op tasks through the same worker, before the runs and after them
-        # (their mean is the reference, so a machine that drifts during the run counts
-        # against both figures alike).
-        noop_before = noop_seconds()
-
-        profilers = []
-        if args.profile:
-            args.profile.mkdir(parents=True, exist_ok=True)
-            for pid in [workers.proc.pid, *workers.children()]:
-                profilers.append(
-                    subprocess.Popen(
-                        [
-                            "py-spy",
-                            "record",
-                            "--pid",
-                            str(pid),
-                            "--idle",
-                            "--rate",
-                            "250",
-                            "--format",
-                            "raw",
-                            "-o",
-                            str(args.profile / f"worker-{pid}.txt"),
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
-            time.sleep(1.0)
-
-        cpu_before = cpu_breakdown(workers.proc.pid, redis.proc.pid)
-        start = time.perf_counter()
-        report = submit(grid=grid, engine=engine, app=app)
-        submit_s = time.perf_counter() - start
-        wait_until(lambda: finished(engine) >= runs, 900, "the runs", every=0.05)
-        runs_s = time.perf_counter() - start
-        cpu_after = cpu_breakdown(workers.proc.pid, redis.proc.pid)
-        cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_after}
+        # The no-op reference and the runs take turns, a round of each, starting and
+        # ending with the reference: drift in the machine's speed (other tenants, its
+        # clock) falls on both figures alike.
+        noop_times = [noop_round()]
+        run_times, submit_s, published = [], 0.0, 0
+        cpu = dict.fromkeys(cpu_breakdown(workers.proc.pid, redis.proc.pid), 0.0)
+        for r, grid in enumerate(grids):
+            cpu_before = cpu_breakdown(workers.proc.pid, redis.proc.pid)
+            start = time.perf_counter()
+            report = submit(grid=grid, engine=engine, app=app)
+            submit_s += time.perf_counter() - start
+            published += report.published
+            done = (r + 1) * per_round
+            wait_until(lambda done=done: finished(engine) >= done, 900, "the runs", every=0.05)
+            run_times.append(time.perf_counter() - start)
+            cpu_after = cpu_breakdown(workers.proc.pid, redis.proc.pid)
+            for name in cpu:
+                cpu[name] += cpu_after[name] - cpu_before[name]
+            noop_times.append(noop_round())
         for prof in profilers:
             prof.send_signal(signal.SIGINT)
             prof.wait(timeout=60)
 
-        noop_after = noop_seconds()
-        noop_s = (noop_before + noop_after) / 2
         with engine.connect() as conn:
             statuses = dict(
                 conn.execute(text("SELECT status, count(*) FROM runs GROUP BY status")).all()
@@ -386,18 +395,22 @@ def main() -> None:
         admin.dispose()
         shutil.rmtree(tmp, ignore_errors=True)
 
+    runs_s, noops = sum(run_times), per_round * len(noop_times)
     runs_per_s = runs / runs_s
-    noop_per_s = runs / noop_s
+    noop_per_s = noops / sum(noop_times)
     fraction = runs_per_s / noop_per_s
     print(
         f"tiny runs:  {runs} in {runs_s:.2f}s = {runs_per_s:.1f} runs/s "
-        f"({args.concurrency} worker processes, Redis, PostgreSQL; of which {submit_s:.2f}s "
-        f"storing and publishing {report.published} runs)"
+        f"({args.concurrency} worker processes, Redis, PostgreSQL; {rounds} rounds of "
+        f"{per_round}, of which {submit_s:.2f}s storing and publishing {published} runs)"
     )
     print(
-        f"no-op task: {runs} in {noop_s:.2f}s = {noop_per_s:.1f} tasks/s (same worker, broker; "
-        f"mean of {runs / noop_before:.1f}/s before the runs and {runs / noop_after:.1f}/s after)"
+        f"no-op task: {noops} in {sum(noop_times):.2f}s = {noop_per_s:.1f} tasks/s (same "
+        f"worker and broker; {len(noop_times)} rounds, before, between and after the runs: "
+        + ", ".join(f"{per_round / t:.0f}" for t in noop_times)
+        + "/s)"
     )
+    print("runs by round: " + ", ".join(f"{per_round / t:.0f}" for t in run_times) + " runs/s")
     print(
         "CPU per run (ms): "
         + ", ".join(f"{name} {seconds / runs * 1000:.2f}" for name, seconds in cpu.items())
@@ -415,13 +428,12 @@ def main() -> None:
         json.dumps(
             {
                 "runs": runs,
+                "rounds": rounds,
                 "concurrency": args.concurrency,
                 "runs_per_s": round(runs_per_s, 1),
                 "noop_per_s": round(noop_per_s, 1),
-                "noop_per_s_before_after": [
-                    round(runs / noop_before, 1),
-                    round(runs / noop_after, 1),
-                ],
+                "runs_per_s_by_round": [round(per_round / t, 1) for t in run_times],
+                "noop_per_s_by_round": [round(per_round / t, 1) for t in noop_times],
                 "fraction_of_noop": round(fraction, 3),
                 "engine_only_per_s": round(engine_bound, 1),
                 "fraction_of_engine_only": round(runs_per_s / engine_bound, 3),
