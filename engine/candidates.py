@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from engine.functions import EXP_FLOOR, OUTPUT_ACTIVATIONS
+from engine.functions import EXP_FLOOR, KEEP_ONES, OUTPUT_ACTIVATIONS
 from engine.network import Network
 
 #: Candidates go through the layers a chunk at a time: enough of them that the first
@@ -89,7 +89,7 @@ class Candidates:
             1, min(K, -(-CHUNK_ROWS // (widest + 1)), CHUNK_BYTES // (widest * n * dt.itemsize))
         )
         self.hidden = [np.empty((self.chunk, u + 1, n), dtype=dt) for u in units[1:-1]]
-        self._ones_kept = self.net.activation in ("relu", "leaky_relu", "identity")  # f(1) == 1
+        self._ones_kept = self.net.activation in KEEP_ONES
         # ReLU as ``maximum(h, zeros)`` with a zeros array of a candidate's shape: NumPy's
         # SIMD loop for two contiguous operands is about twice as fast as its loop for a
         # scalar operand (``maximum(h, 0)``), and the result is the same.

@@ -109,6 +109,10 @@ def inplace_softmax(Z: np.ndarray) -> None:
     Z /= Z.sum(axis=-1, keepdims=True)
 
 
+#: Hidden activations with ``f(1) == 1``: a column of ones (the next layer's bias
+#: input) passes through them unchanged, so it need not be written again.
+KEEP_ONES = frozenset({"relu", "leaky_relu", "identity"})
+
 ACTIVATIONS: dict[str, Callable[[np.ndarray], None]] = {
     "relu": inplace_relu,
     "leaky_relu": inplace_leaky_relu,

@@ -23,6 +23,7 @@ import numpy as np
 from engine.functions import (
     ACTIVATIONS,
     DERIVATIVES,
+    KEEP_ONES,
     LOSS_AND_OUTPUT,
     LOSS_FUNCTIONS,
     OUTPUT_ACTIVATIONS,
@@ -222,8 +223,7 @@ class Forward:
             if i < last:
                 buf[..., -1] = 1
             self._acts.append(buf)
-        # f(1) == 1: the activation leaves the column of ones as it is
-        self._ones_kept = net.activation in ("relu", "leaky_relu", "identity")
+        self._ones_kept = net.activation in KEEP_ONES
         self._inputs: np.ndarray | None = None  # [X, 1] for callers that pass X
         self._views: dict[int, list[np.ndarray]] = {}
 
