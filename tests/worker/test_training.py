@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import Engine, event
 from worker_testlib import TINY_BACKPROP, add_runs, metric_steps, run_rows
@@ -195,6 +196,37 @@ def test_runs_of_one_dataset_and_seed_share_one_read_only_copy(
     rows = run_rows(engine)
     want = expected.result().summary["final_train_loss"]
     assert [rows[i].final_train_loss for i in ids] == [want, want]
+
+
+def test_dataset_cache_keeps_what_fits_in_its_bytes_least_recently_used_out() -> None:
+    from engine import load_dataset
+    from worker.training import _DatasetCache
+
+    def loader(seed: int) -> Any:
+        loads.append(seed)
+        return load_dataset("moons", seed=seed)
+
+    loads: list[int] = []
+    one = load_dataset("moons", seed=0)
+    size = sum(a.nbytes for a in vars(one).values() if isinstance(a, np.ndarray))
+    cache = _DatasetCache(limit=2 * size)  # room for two moons
+    first = cache.get(("moons", 0), lambda: loader(0))
+    assert cache.get(("moons", 0), lambda: loader(0)) is first
+    cache.get(("moons", 1), lambda: loader(1))
+    cache.get(("moons", 0), lambda: loader(0))  # 0 is now the most recently used
+    cache.get(("moons", 2), lambda: loader(2))  # over the limit: 1 goes, not 0
+    assert cache.get(("moons", 0), lambda: loader(0)) is first
+    cache.get(("moons", 1), lambda: loader(1))
+    assert loads == [0, 1, 2, 1]
+    assert cache.size == 2 * size
+    with pytest.raises(ValueError, match="read-only"):
+        first.X_val[0, 0] = 1.0
+    # A dataset larger than the whole budget is still kept (alone): a worker whose
+    # runs all use it loads it once.
+    tiny = _DatasetCache(limit=1)
+    big = tiny.get(("moons", 0), lambda: loader(0))
+    assert tiny.get(("moons", 0), lambda: loader(0)) is big
+    assert loads == [0, 1, 2, 1, 0]
 
 
 def test_worker_main_process_preloads_what_its_children_import(pg_store_url: str) -> None:
