@@ -16,10 +16,9 @@ import os
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -321,81 +320,78 @@ class _ClaimedRun:
 
 
 def _load_data(config: TrainConfig, engine: Engine) -> Any:
-    csv = None
-    if config.dataset.startswith("csv:"):
-        csv = _csv_bytes(config.dataset.removeprefix("csv:"), engine)
     c = config
-    return _dataset(c.dataset, c.seed, c.val_fraction, c.dtype, c.target, c.task, csv)
-
-
-#: Bytes of datasets a worker process keeps loaded (most recently used first).
-DATASET_CACHE_BYTES = 64 * 2**20
-
-
-class _DatasetCache:
-    """Loaded, split and standardized datasets by what makes them, least recently used out.
-
-    The runs of a grid share (dataset, seed) pairs, often far apart in the queue (a
-    grid of 3 learning rates x 100 seeds puts 100 runs between the two of one
-    seed): a worker process loads each pair once while its copies fit in
-    ``limit`` bytes, however many small ones that is. The arrays are read-only, so
-    no run can change another's data.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.size = 0
-        self._items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
-
-    def get(self, key: tuple, load: Callable[[], Any]) -> Any:
-        hit = self._items.get(key)
-        if hit is not None:
-            self._items.move_to_end(key)
-            return hit[0]
-        data = load()
-        nbytes = 0
-        for array in vars(data).values():
-            if isinstance(array, np.ndarray):
-                array.setflags(write=False)
-                nbytes += array.nbytes
-        self._items[key] = (data, nbytes)
-        self.size += nbytes
-        while self.size > self.limit and len(self._items) > 1:
-            _, (_, dropped) = self._items.popitem(last=False)
-            self.size -= dropped
-        return data
-
-
-_DATASETS = _DatasetCache(DATASET_CACHE_BYTES)
-
-
-def _dataset(
-    name: str,
-    seed: int,
-    val_fraction: float,
-    dtype: str,
-    target: str | None,
-    task: str | None,
-    csv: bytes | None,
-) -> Any:
-    # A CSV's name is the hash of its bytes: the name stands for them in the key.
+    # A CSV's name is the hash of its bytes: the name stands for them in the key, and
+    # the bytes are fetched only to load a split that is not kept already.
+    csv = c.dataset.removeprefix("csv:") if c.dataset.startswith("csv:") else None
     return _DATASETS.get(
-        (name, seed, val_fraction, dtype, target, task),
+        (c.dataset, c.seed, c.val_fraction, c.dtype, c.target, c.task),
         lambda: load_dataset(
-            name,
-            seed=seed,
-            val_fraction=val_fraction,
-            dtype=dtype,
-            csv=csv,
-            target=target,
-            task=task,
+            c.dataset,
+            seed=c.seed,
+            val_fraction=c.val_fraction,
+            dtype=c.dtype,
+            csv=None if csv is None else _csv_bytes(csv, engine),
+            target=c.target,
+            task=c.task,
         ),
     )
 
 
-@lru_cache(maxsize=8)
+#: Bytes of datasets a worker process keeps loaded (most recently used first).
+DATASET_CACHE_BYTES = 64 * 2**20
+#: Bytes of stored CSV files a worker process keeps, to split again without a read.
+CSV_CACHE_BYTES = 64 * 2**20
+
+
+def _freeze(data: Any) -> int:
+    """Make ``data``'s arrays read-only (runs share it); their bytes."""
+    nbytes = 0
+    for array in vars(data).values():
+        if isinstance(array, np.ndarray):
+            array.setflags(write=False)
+            nbytes += array.nbytes
+    return nbytes
+
+
+class _SizedCache:
+    """Values by key, least recently used out once their sizes pass ``limit`` bytes.
+
+    The runs of a grid share (dataset, seed) pairs, often far apart in the queue (a
+    grid of 3 learning rates x 100 seeds puts 100 runs between the two of one
+    seed): a worker process loads each pair once while its copies fit in
+    ``limit`` bytes, however many small ones that is. ``measure`` gives a new
+    value's size (for datasets, ``_freeze``: their arrays become read-only, so no
+    run can change another's data). A value larger than ``limit`` is kept alone.
+    """
+
+    def __init__(self, limit: int, measure: Callable[[Any], int] = _freeze) -> None:
+        self.limit = limit
+        self.measure = measure
+        self.size = 0
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+
+    def get(self, key: Hashable, load: Callable[[], Any]) -> Any:
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+            return hit[0]
+        value = load()
+        nbytes = self.measure(value)
+        self._items[key] = (value, nbytes)
+        self.size += nbytes
+        while self.size > self.limit and len(self._items) > 1:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.size -= dropped
+        return value
+
+
+_DATASETS = _SizedCache(DATASET_CACHE_BYTES)
+_CSVS = _SizedCache(CSV_CACHE_BYTES, len)
+
+
 def _csv_bytes(sha256: str, engine: Engine) -> bytes:
-    # Content-addressed, so a cached copy can never be out of date.
+    # Content-addressed, so a kept copy can never be out of date, whichever store it came from.
     from service.ingest import load_dataset_bytes
 
-    return load_dataset_bytes(engine, sha256)
+    return _CSVS.get(sha256, lambda: load_dataset_bytes(engine, sha256))

@@ -175,17 +175,19 @@ def test_a_kept_connection_the_server_dropped_is_replaced_at_the_next_claim(
 def test_runs_of_one_dataset_and_seed_share_one_read_only_copy(
     settings: Any, engine: Engine
 ) -> None:
-    from worker.training import _dataset
+    from engine import TrainConfig, Trainer, load_dataset
+    from worker.training import _load_data
 
-    first = _dataset("moons", 3, 0.2, "float64", None, None, None)
-    again = _dataset("moons", 3, 0.2, "float64", None, None, None)
-    other = _dataset("moons", 4, 0.2, "float64", None, None, None)
+    def data(**change: Any) -> Any:
+        return _load_data(TrainConfig.from_dict({**TINY_BACKPROP, **change}), engine)
+
+    first = data(seed=3)
+    again = data(seed=3, learning_rate=0.5, optimizer="backprop")
+    other = data(seed=4)
     assert again is first and other is not first
     with pytest.raises(ValueError, match="read-only"):
         first.X_train[0, 0] = 1.0
     # Runs on the shared copy train exactly as on a fresh load, the second as the first.
-    from engine import TrainConfig, Trainer, load_dataset
-
     config = TrainConfig.from_dict(TINY_BACKPROP)
     fresh = load_dataset(config.dataset, seed=config.seed, dtype=config.dtype)
     expected = Trainer(config, fresh)
@@ -198,9 +200,52 @@ def test_runs_of_one_dataset_and_seed_share_one_read_only_copy(
     assert [rows[i].final_train_loss for i in ids] == [want, want]
 
 
+def test_a_csv_run_reads_the_stored_file_once_per_worker_process(
+    settings: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.ingest
+    import worker.training
+    from engine import TrainConfig, Trainer, load_dataset
+    from engine.datasets import csv_name
+    from service.ingest import store_dataset
+
+    # Empty caches of this test's own: the module's live across tests.
+    monkeypatch.setattr(worker.training, "_DATASETS", worker.training._SizedCache(2**20))
+    monkeypatch.setattr(worker.training, "_CSVS", worker.training._SizedCache(2**20, len))
+    reads: list[str] = []
+    read = service.ingest.load_dataset_bytes
+
+    def counted(target: Any, sha256: str) -> bytes:
+        reads.append(sha256)
+        return read(target, sha256)
+
+    monkeypatch.setattr(service.ingest, "load_dataset_bytes", counted)
+    rng = np.random.default_rng(5)
+    body = "a,b,y\n" + "".join(
+        f"{a:.6f},{b:.6f},{int(a * b > 0)}\n" for a, b in rng.normal(size=(80, 2))
+    )
+    name = csv_name(body.encode())
+    assert store_dataset(engine, "mine.csv", body.encode()) == name.removeprefix("csv:")
+    config = {**TINY_BACKPROP, "dataset": name, "target": "y", "max_steps": 5}
+    # Seeds 0, 0 and 1: the second run finds the split kept, the third splits the kept bytes.
+    ids = add_runs(engine, [config, config, {**config, "seed": 1}])
+    assert [_execute(i, settings) for i in ids] == ["succeeded"] * 3
+    assert reads == [name.removeprefix("csv:")]
+    expected = Trainer(
+        TrainConfig.from_dict(config), load_dataset(name, seed=0, csv=body.encode(), target="y")
+    )
+    for _ in expected.steps():
+        pass
+    rows = run_rows(engine)
+    want = expected.result().summary["final_train_loss"]
+    assert [rows[i].final_train_loss for i in ids[:2]] == [want, want]
+    assert rows[ids[2]].final_train_loss != want
+    assert [len(metric_steps(engine, i)) for i in ids] == [5, 5, 5]
+
+
 def test_dataset_cache_keeps_what_fits_in_its_bytes_least_recently_used_out() -> None:
     from engine import load_dataset
-    from worker.training import _DatasetCache
+    from worker.training import _SizedCache
 
     def loader(seed: int) -> Any:
         loads.append(seed)
@@ -209,7 +254,7 @@ def test_dataset_cache_keeps_what_fits_in_its_bytes_least_recently_used_out() ->
     loads: list[int] = []
     one = load_dataset("moons", seed=0)
     size = sum(a.nbytes for a in vars(one).values() if isinstance(a, np.ndarray))
-    cache = _DatasetCache(limit=2 * size)  # room for two moons
+    cache = _SizedCache(limit=2 * size)  # room for two moons
     first = cache.get(("moons", 0), lambda: loader(0))
     assert cache.get(("moons", 0), lambda: loader(0)) is first
     cache.get(("moons", 1), lambda: loader(1))
@@ -223,7 +268,7 @@ def test_dataset_cache_keeps_what_fits_in_its_bytes_least_recently_used_out() ->
         first.X_val[0, 0] = 1.0
     # A dataset larger than the whole budget is still kept (alone): a worker whose
     # runs all use it loads it once.
-    tiny = _DatasetCache(limit=1)
+    tiny = _SizedCache(limit=1)
     big = tiny.get(("moons", 0), lambda: loader(0))
     assert tiny.get(("moons", 0), lambda: loader(0)) is big
     assert loads == [0, 1, 2, 1, 0]
