@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.postgres]
 
 HERE = Path(__file__).parent
 FINISHED = {"succeeded", "failed", "diverged", "cancelled"}
-# Long enough to be killed or redelivered mid-run (about 1 ms per epoch), short for CI.
+# Killed, cancelled or redelivered mid-run by the tests below, on workers that pace their
+# runs (paced_app: at least 3 s for this one; about 1 s unpaced on a fast machine).
 LONG_RUN: dict[str, Any] = {
     "dataset": "moons",
     "optimizer": "backprop",
@@ -185,7 +186,7 @@ def test_grid_of_both_methods_succeeds_with_every_metric_step_and_one_weights_ea
 def test_worker_child_killed_mid_run_resumes_from_checkpoint_and_stores_one_training(
     cluster: Cluster,
 ) -> None:
-    worker = cluster.start_worker("w1")
+    worker = cluster.start_worker("w1", app="paced_app")
     (run_id,) = cluster.submit([LONG_RUN])
 
     def checkpointed_owner() -> str | None:
@@ -272,7 +273,7 @@ def test_cancel_stops_the_running_run_keeping_its_metrics_and_queued_runs_never_
     from service.db import session_scope
     from service.runs import cancel_experiment
 
-    cluster.start_worker("w1", concurrency=1)
+    cluster.start_worker("w1", concurrency=1, app="paced_app")
     running, *queued = cluster.submit([LONG_RUN, TINY_BACKPROP, {**TINY_BACKPROP, "seed": 1}])
     wait_for(
         lambda: len(metric_steps(cluster.engine, running)) > 0,
@@ -295,7 +296,7 @@ def test_cancel_stops_the_running_run_keeping_its_metrics_and_queued_runs_never_
 def test_run_of_a_killed_worker_is_reaped_and_resumed_by_another_worker(
     cluster: Cluster,
 ) -> None:
-    doomed = cluster.start_worker("w1", concurrency=1)
+    doomed = cluster.start_worker("w1", concurrency=1, app="paced_app")
     (run_id,) = cluster.submit([LONG_RUN])
     wait_for(
         lambda: "checkpoint" in _artifact_kinds(cluster.engine, run_id),
