@@ -15,15 +15,19 @@ its total count over its total time. Beside them, where the CPU went during the
 runs (from /proc, per run): the worker's processes, its main process,
 PostgreSQL, Redis and the whole machine (2 cores give 2 s of CPU a second).
 A second reference bounds what any queue and store could reach: the engine
-alone (dataset, 20 steps, result) on a sample of the same configs in this
+alone (dataset, steps, result) on a sample of the same configs in this
 process, times the number of worker processes.
+
+``--steps N`` trains each run N steps instead of 20, everything else unchanged:
+``--steps 1`` shows what the rest of a run's life (claim, setup, weights file,
+final write, its own message) leaves of the no-op rate before any training.
 
 Redis is a ``redis-server`` of the benchmark's own on a free port (no
 persistence), PostgreSQL a schema of its own in ``MLPQ_BENCH_PG_URL``; both are
 removed at the end. The last line is JSON. ``--quick`` uses 300 runs and ends
 within a minute.
 
-    python bench/throughput.py [--quick] [--runs N] [--rounds R] [--concurrency 2]
+    python bench/throughput.py [--quick] [--runs N] [--rounds R] [--concurrency 2] [--steps 20]
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ name: {name}
 datasets: [moons]
 seeds: {seeds}
 model: {{hidden: [[16]], activation: tanh}}
-budget: {{epochs: 20, iterations: 20}}
+budget: {{epochs: {steps}, iterations: {steps}}}
 optimizers:
   - optimizer: backprop
     learning_rate: 0.1
@@ -295,12 +299,17 @@ def main() -> None:
     )
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
     parser.add_argument(
+        "--steps", type=int, default=20, help="training steps per run (default 20, the spec)"
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
         help="py-spy record the worker's processes into this folder (no-op rounds included)",
     )
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps: expected a whole number of at least 1, got {args.steps}")
     rounds = args.rounds or (2 if args.quick else 4)
     per_round = -(-(args.runs or (300 if args.quick else 2000)) // (2 * rounds)) * 2
     runs = per_round * rounds
@@ -329,7 +338,7 @@ def main() -> None:
         for r in range(rounds):
             seeds = list(range(r * per_round // 2, (r + 1) * per_round // 2))
             grid_file = tmp / f"grid-{r}.yaml"
-            grid_file.write_text(GRID.format(name=f"throughput-{r}", seeds=seeds))
+            grid_file.write_text(GRID.format(name=f"throughput-{r}", seeds=seeds, steps=args.steps))
             grids.append(load_grid(grid_file, max_runs=per_round, yes=True))
             assert len(grids[-1].runs) == per_round, len(grids[-1].runs)
 
@@ -381,7 +390,7 @@ def main() -> None:
             weights = conn.execute(
                 text("SELECT count(*) FROM artifacts WHERE kind = 'weights'")
             ).scalar_one()
-        if statuses != {"succeeded": runs} or rows != runs * 20 or weights != runs:
+        if statuses != {"succeeded": runs} or rows != runs * args.steps or weights != runs:
             raise SystemExit(
                 f"throughput: wrong result: {statuses}, {rows} rows, {weights} weights"
             )
@@ -401,8 +410,9 @@ def main() -> None:
     fraction = runs_per_s / noop_per_s
     print(
         f"tiny runs:  {runs} in {runs_s:.2f}s = {runs_per_s:.1f} runs/s "
-        f"({args.concurrency} worker processes, Redis, PostgreSQL; {rounds} rounds of "
-        f"{per_round}, of which {submit_s:.2f}s storing and publishing {published} runs)"
+        f"({args.steps} step{'s' if args.steps != 1 else ''} each; {args.concurrency} worker "
+        f"processes, Redis, PostgreSQL; {rounds} rounds of {per_round}, of which "
+        f"{submit_s:.2f}s storing and publishing {published} runs)"
     )
     print(
         f"no-op task: {noops} in {sum(noop_times):.2f}s = {noop_per_s:.1f} tasks/s (same "
@@ -430,6 +440,7 @@ def main() -> None:
                 "runs": runs,
                 "rounds": rounds,
                 "concurrency": args.concurrency,
+                "steps": args.steps,
                 "runs_per_s": round(runs_per_s, 1),
                 "noop_per_s": round(noop_per_s, 1),
                 "runs_per_s_by_round": [round(per_round / t, 1) for t in run_times],
