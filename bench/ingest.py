@@ -42,10 +42,8 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.metrics import METRICS, RECORD_FIELDS
-from service.db import make_engine
-from service.ingest import METRIC_COLUMNS, write_metric_rows, write_metrics
-from service.migrate import upgrade
 from service.settings import load_settings
+from service.store import METRIC_COLUMNS, make_engine, upgrade, write_metric_rows, write_metrics
 
 PG_URL = os.environ.get("MLPQ_BENCH_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 

@@ -7,7 +7,7 @@ bytes cross the wire). The metrics table gets its primary key and foreign key
 back after the load, as a bulk load would do; then VACUUM ANALYZE.
 
 Then it times, as median milliseconds over many different experiments / runs,
-the statements a user types (``service.queries``):
+the statements a user types (``service.results.queries``):
 
 * top 10 runs of an experiment by best validation accuracy (``run_summary``),
 * the full loss curve of one run (``metrics`` by primary key),
@@ -37,9 +37,8 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.db import make_engine
-from service.migrate import upgrade
-from service.queries import leaderboard, leaderboard_sql, loss_curve
+from service.results import leaderboard, leaderboard_sql, loss_curve
+from service.store import make_engine, upgrade
 
 PG_URL = os.environ.get("MLPQ_BENCH_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 EXPERIMENTS = 100

@@ -1,7 +1,7 @@
 """Submitting a big grid: the whole ``mlpq submit`` path against a plain ``apply_async`` loop.
 
-Ours: read, validate and expand a grid file of RUNS runs (``service.grid.load_grid``),
-then ``service.submit.submit``: one transaction inserting the experiment and its
+Ours: read, validate and expand a grid file of RUNS runs (``service.grids.loader.load_grid``),
+then ``service.queue.enqueue.submit``: one transaction inserting the experiment and its
 runs (COPY on PostgreSQL), then one Celery message per run, published in
 pipelined batches, each batch marked ``published`` in SQL.
 
@@ -38,13 +38,10 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.celery_app import QUEUE, TRAIN_TASK, make_app
-from service.db import make_engine
-from service.grid import load_grid
-from service.migrate import upgrade
-from service.models import Run
+from service.grids import load_grid
+from service.queue import QUEUE, TRAIN_TASK, make_app, submit
 from service.settings import load_settings
-from service.submit import submit
+from service.store import Run, make_engine, upgrade
 
 PG_URL = os.environ.get("MLPQ_BENCH_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("MLPQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379")

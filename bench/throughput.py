@@ -50,13 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from service.celery_app import QUEUE, make_app
-from service.db import make_engine
-from service.grid import load_grid
-from service.migrate import upgrade
-from service.models import FINISHED, Run
+from service.grids import load_grid
+from service.queue import QUEUE, make_app, submit
 from service.settings import load_settings
-from service.submit import submit
+from service.store import FINISHED, Run, make_engine, upgrade
 from worker.local import worker_command, worker_environment
 
 PG_URL = os.environ.get("MLPQ_BENCH_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
@@ -233,7 +230,7 @@ def cpu_breakdown(worker: int, redis: int) -> dict[str, float]:
 
 
 def publish_pings(app, n: int) -> None:
-    """n no-op messages, published the way service.submit.publish_runs publishes runs."""
+    """n no-op messages, published the way service.queue.enqueue.publish_runs publishes runs."""
     amqp = app.amqp
     with app.connection_for_write() as conn:
         producer = amqp.Producer(conn, auto_declare=False)

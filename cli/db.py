@@ -15,9 +15,9 @@ def upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Apply the migrations up to REVISION (default: the newest) to MLPQ_DATABASE_URL."""
-    from service.db import make_engine
-    from service.migrate import upgrade as do_upgrade
     from service.settings import get_settings
+    from service.store import make_engine
+    from service.store import upgrade as do_upgrade
 
     url = get_settings().database_url
     engine = make_engine(url)
@@ -28,9 +28,8 @@ def upgrade(
 @app.command()
 def current() -> None:
     """Print the revision the store is at."""
-    from service.db import make_engine
-    from service.migrate import current_revision
     from service.settings import get_settings
+    from service.store import current_revision, make_engine
 
     engine = make_engine(get_settings().database_url)
     Console().print(current_revision(engine) or "empty (no revision)")

@@ -73,8 +73,8 @@ def _by_status(row: Mapping[str, Any]) -> str:
 
 def ls() -> None:
     """List experiments: runs finished, runs by status, best results so far."""
-    from service.db import get_engine
-    from service.queries import experiment_progress
+    from service.results import experiment_progress
+    from service.store import get_engine
 
     rows = experiment_progress(get_engine())
     console = Console()
@@ -107,9 +107,8 @@ def show(
     limit: Annotated[int, typer.Option(min=1, help="Runs to show.")] = 10,
 ) -> None:
     """Show an experiment's runs by status, its best runs, and its failed runs' errors."""
-    from service.db import get_engine, session_scope
-    from service.queries import RANKABLE
-    from service.runs import get_experiment
+    from service.results import RANKABLE
+    from service.store import get_engine, get_experiment, session_scope
 
     if by is not None and by not in RANKABLE:
         raise UsageError(f"--by: expected one of {', '.join(RANKABLE)}; got {by!r}")
@@ -123,7 +122,7 @@ def print_leaderboard(
     engine: Engine, experiment: str, *, by: str | None = None, limit: int = 10
 ) -> None:
     """Runs by status, the top ``limit`` runs by ``by``, and the failed runs' errors."""
-    from service.queries import experiment_datasets, leaderboard
+    from service.results import experiment_datasets, leaderboard
 
     console = Console()
     with engine.connect() as conn:

@@ -65,8 +65,7 @@ def cancel(
 
     Cancelled runs keep the metrics written so far.
     """
-    from service.db import session_scope
-    from service.runs import cancel_experiment, get_experiment
+    from service.store import cancel_experiment, get_experiment, session_scope
 
     with session_scope() as session:
         exp = get_experiment(session=session, name=experiment)
@@ -106,12 +105,17 @@ def retry(
     worker died and its message may be lost. Running workers do this on their
     own every few seconds; --stale does it now.
     """
-    from service.celery_app import make_app
-    from service.db import get_engine, session_scope
-    from service.models import RunStatus
-    from service.runs import get_experiment, mark_unsent, reap_stale, reset_finished
+    from service.queue import make_app, publish_pending
     from service.settings import get_settings
-    from service.submit import publish_pending
+    from service.store import (
+        RunStatus,
+        get_engine,
+        get_experiment,
+        mark_unsent,
+        reap_stale,
+        reset_finished,
+        session_scope,
+    )
 
     settings = get_settings()
     statuses = [s for s, on in ((RunStatus.failed, failed), (RunStatus.diverged, diverged)) if on]
@@ -153,8 +157,8 @@ def run(**options: Any) -> None:
     workers. Exit code 0 when the grid finished, whatever its runs' outcomes
     (failed runs are listed with their error); 130 when interrupted.
     """
-    from service.db import get_engine
     from service.settings import get_settings
+    from service.store import get_engine
     from worker.local import LocalWorkers
 
     concurrency = options.pop("concurrency") or os.cpu_count() or 1
@@ -218,11 +222,9 @@ def _recover_embedded_queue(engine: Engine) -> None:
     queued runs whose message the embedded queue no longer holds (a worker had
     fetched it) get a new one; a second message for a run is dropped by the claim.
     """
-    from service.celery_app import make_app
-    from service.db import session_scope
-    from service.runs import queued_published, requeue_dead_owners
+    from service.queue import make_app, publish_runs
     from service.settings import get_settings
-    from service.submit import publish_runs
+    from service.store import queued_published, requeue_dead_owners, session_scope
     from worker.local import embedded_queue_run_ids
 
     settings = get_settings()
@@ -248,10 +250,8 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
         TimeRemainingColumn,
     )
 
-    from service.db import session_scope
     from service.exceptions import MlpqError
-    from service.models import FINISHED, RunStatus
-    from service.runs import status_counts
+    from service.store import FINISHED, RunStatus, session_scope, status_counts
 
     def counts() -> dict[RunStatus, int]:
         with session_scope(engine) as session:

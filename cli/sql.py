@@ -38,7 +38,7 @@ def sql(
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
-    from service.db import get_engine
+    from service.store import get_engine
 
     if query == "-":
         query = sys.stdin.read()

@@ -12,8 +12,8 @@ from rich.table import Table
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from service.grid import Grid
-    from service.submit import SubmitReport
+    from service.grids import Grid
+    from service.queue import SubmitReport
 
 _INLINE = "Inline grid (instead of a file; a comma makes a list)"
 # Grids at least this big get progress bars.
@@ -109,8 +109,7 @@ def submit(
     experiment are queued again.
     """
     from service.exceptions import GridError
-    from service.grid import load_grid
-    from service.grid_inline import flag, inline_grid
+    from service.grids import flag, inline_grid, load_grid
     from service.settings import get_settings
 
     inline: dict[str, str | None] = {
@@ -177,9 +176,9 @@ def submit(
 
 
 def _submit(grid: Grid, *, force: bool, progress: Any) -> SubmitReport:
-    from service.celery_app import make_app
-    from service.db import get_engine
-    from service.submit import submit as do_submit
+    from service.queue import make_app
+    from service.queue import submit as do_submit
+    from service.store import get_engine
 
     return do_submit(grid=grid, engine=get_engine(), app=make_app(), force=force, progress=progress)
 
@@ -240,7 +239,7 @@ def _progress(console: Console) -> _Bar:
 
 
 def _cell(key: str, value: Any) -> str:
-    from service.grid import hidden_label
+    from service.grids import hidden_label
 
     if value is None:
         return "-"

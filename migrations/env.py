@@ -1,6 +1,6 @@
 """Alembic environment of the store.
 
-The connection normally comes from ``service.migrate`` through
+The connection normally comes from ``service.store.migrate`` through
 ``config.attributes["connection"]`` (already inside a transaction that holds the
 migration lock); run by hand (``alembic -c migrations/alembic.ini ...``) the URL
 comes from the settings (``MLPQ_DATABASE_URL``). The metadata is the models'.
@@ -11,8 +11,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from service.migrate import include_object
-from service.models import Base
+from service.store import Base
+from service.store.migrate import include_object
 
 config = context.config
 target_metadata = Base.metadata
@@ -50,8 +50,8 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from service.db import make_engine
     from service.settings import get_settings
+    from service.store import make_engine
 
     engine = make_engine(get_settings().database_url)
     try:

@@ -41,7 +41,7 @@ def _unavailable(what: str, exc: BaseException) -> None:
 
 
 def _dispose_cached_engines() -> None:
-    from service.db import dispose_engines
+    from service.store import dispose_engines
 
     dispose_engines()
 
@@ -49,8 +49,7 @@ def _dispose_cached_engines() -> None:
 @pytest.fixture
 def sqlite_store_url(tmp_path: Path) -> Iterator[str]:
     """URL of a migrated SQLite store in a file of this test's own."""
-    from service.db import make_engine
-    from service.migrate import upgrade
+    from service.store import make_engine, upgrade
 
     path = tmp_path / "store" / "mlpq.db"
     url = f"sqlite:///{path}"
@@ -64,7 +63,7 @@ def sqlite_store_url(tmp_path: Path) -> Iterator[str]:
 
 
 def _pg_admin_engine() -> Engine:
-    from service.db import make_engine
+    from service.store import make_engine
 
     engine = make_engine(PG_URL, pool_pre_ping=False)
     try:
@@ -101,8 +100,7 @@ def _drop_schema(admin: Engine, schema: str) -> None:
 @pytest.fixture
 def pg_store_url() -> Iterator[str]:
     """URL of a migrated PostgreSQL store in a schema of this test's own."""
-    from service.db import make_engine
-    from service.migrate import upgrade
+    from service.store import make_engine, upgrade
 
     admin = _pg_admin_engine()
     schema = f"mlpq_test_{uuid.uuid4().hex[:12]}"
@@ -129,7 +127,7 @@ def store_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def store_engine(store_url: str) -> Iterator[Engine]:
     """An engine on ``store_url``, disposed after the test."""
-    from service.db import make_engine
+    from service.store import make_engine
 
     engine = make_engine(store_url)
     yield engine
@@ -145,8 +143,7 @@ def _add_runs(
     """
     from sqlalchemy import select
 
-    from service.db import session_scope
-    from service.models import Experiment, Run
+    from service.store import Experiment, Run, session_scope
 
     with session_scope(engine) as session:
         exp = session.scalar(select(Experiment).where(Experiment.name == experiment))

@@ -16,7 +16,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from celery.signals import worker_init, worker_process_init  # noqa: E402
 
-from service.celery_app import make_app  # noqa: E402
+from service.queue import make_app  # noqa: E402
 from worker.reaper import Reaper  # noqa: E402
 
 app = make_app()
@@ -33,7 +33,7 @@ def _preload(**_: object) -> None:
     import numpy.random  # noqa: F401
     from sqlalchemy.engine import make_url
 
-    import service.ingest  # noqa: F401
+    import service.store.ingest  # noqa: F401
     from service.settings import get_settings
 
     make_url(get_settings().database_url).get_dialect().import_dbapi()
@@ -43,6 +43,6 @@ def _preload(**_: object) -> None:
 def _fresh_connections_in_child(**_: object) -> None:
     # A forked child must not use the pooled connections it inherited from the
     # parent (the reaper's): drop them without closing the parent's sockets.
-    from service.db import dispose_engines
+    from service.store import dispose_engines
 
     dispose_engines()

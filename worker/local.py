@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from service.celery_app import QUEUE, TRAIN_TASK
+from service.queue import QUEUE, TRAIN_TASK
 from service.settings import Settings
 
 #: The app module celery loads (``celery -A``).

@@ -4,7 +4,7 @@ A run whose worker died keeps ``status=running`` with a heartbeat that stops
 moving. On Redis its message comes back after the visibility timeout (hours, to
 outlast the task time limit); on the embedded filesystem queue it is gone for
 good. So every worker's main process looks for stale runs every few seconds and
-re-enqueues them (``service.runs.reap_stale`` moves each run with one UPDATE ...
+re-enqueues them (``service.store.runs.reap_stale`` moves each run with one UPDATE ...
 RETURNING: of two reapers racing, only one gets and publishes it). Nobody has to
 notice a lost run.
 """
@@ -28,9 +28,8 @@ def reap_interval(settings: Settings) -> float:
 
 def reap_once(app: Celery, settings: Settings | None = None) -> list[int]:
     """Settle stale runs and (re)publish them and long-unsent queued runs; returns the ids sent."""
-    from service.db import get_engine, session_scope
-    from service.runs import orphans, reap_stale, requeue_dead_owners
-    from service.submit import publish_runs
+    from service.queue import publish_runs
+    from service.store import get_engine, orphans, reap_stale, requeue_dead_owners, session_scope
 
     settings = settings or get_settings()
     engine = get_engine(settings.database_url)

@@ -2,7 +2,7 @@
 
 Every message carries only a run id; everything else is read from SQL, so a
 message delivered twice, late, or after a cancel does no harm (the claim in
-``service.runs.claim_run`` decides).
+``service.store.runs.claim_run`` decides).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 from celery import Task
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from service.celery_app import REAP_TASK, TRAIN_TASK
+from service.queue import REAP_TASK, TRAIN_TASK
 from service.settings import get_settings
 from worker.app import app
 from worker.training import execute_run

@@ -27,21 +27,21 @@ from sqlalchemy.exc import DBAPIError
 
 # Imported here, in the worker's main process, so forked children start with NumPy loaded.
 from engine import TrainConfig, Trainer, load_dataset
-from service.db import get_engine
-from service.grid import TIME_LIMIT_KEY
-from service.models import RunStatus
-from service.runs import (
+from service.grids import TIME_LIMIT_KEY
+from service.settings import Settings
+from service.store import (
     Beat,
     Claim,
     Refusal,
+    RunStatus,
     claim_run,
     finish_run,
+    get_engine,
     prepare_resume,
     record_resume,
     save_progress,
     worker_identity,
 )
-from service.settings import Settings
 
 log = logging.getLogger("mlpq.worker")
 
@@ -392,6 +392,6 @@ _CSVS = _SizedCache(CSV_CACHE_BYTES, len)
 
 def _csv_bytes(sha256: str, engine: Engine) -> bytes:
     # Content-addressed, so a kept copy can never be out of date, whichever store it came from.
-    from service.ingest import load_dataset_bytes
+    from service.store import load_dataset_bytes
 
     return _CSVS.get(sha256, lambda: load_dataset_bytes(engine, sha256))

@@ -12,9 +12,8 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from service.celery_app import QUEUE
-from service.db import make_engine
-from service.models import Experiment, Run
+from service.queue import QUEUE
+from service.store import Experiment, Run, make_engine
 
 GRID = """\
 name: cli

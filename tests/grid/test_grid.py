@@ -10,8 +10,7 @@ import pytest
 
 from engine import TrainConfig
 from service.exceptions import GridError
-from service.grid import TIME_LIMIT_KEY, config_hash, load_grid
-from service.grid_inline import inline_grid
+from service.grids import TIME_LIMIT_KEY, config_hash, inline_grid, load_grid
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

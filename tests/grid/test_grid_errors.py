@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.exceptions import GridError
-from service.grid import load_grid
-from service.grid_inline import inline_grid
+from service.grids import inline_grid, load_grid
 
 OK_BLOCKS = "optimizers: [{optimizer: backprop}]\n"
 

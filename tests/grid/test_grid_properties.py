@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from engine import TrainConfig
 from service.exceptions import GridError
-from service.grid import TIME_LIMIT_KEY, config_hash, expand_grid, parse_grid
+from service.grids import TIME_LIMIT_KEY, config_hash, expand_grid, parse_grid
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

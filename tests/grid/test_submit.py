@@ -12,14 +12,11 @@ import pytest
 import redis
 from sqlalchemy import Engine, func, select, update
 
-from service.celery_app import QUEUE, TRAIN_TASK, make_app
-from service.db import make_engine
 from service.exceptions import BrokerError
-from service.grid import Grid, expand_grid, parse_grid
-from service.ingest import write_metrics
-from service.models import Dataset, Experiment, Run, RunStatus
+from service.grids import Grid, expand_grid, parse_grid
+from service.queue import QUEUE, TRAIN_TASK, make_app, pending_ids, publish_pending, submit
 from service.settings import load_settings
-from service.submit import pending_ids, publish_pending, submit
+from service.store import Dataset, Experiment, Run, RunStatus, make_engine, write_metrics
 
 SMALL = {
     "name": "small",
@@ -142,7 +139,7 @@ def test_resubmitting_skips_done_keeps_in_flight_and_requeues_failed_runs(
     )
     assert not by_id[ids[3]].cancel_requested
     with engine.connect() as conn:
-        from service.models import metrics
+        from service.store import metrics
 
         assert conn.execute(select(func.count()).select_from(metrics)).scalar() == 0
 
@@ -228,7 +225,7 @@ def test_a_broker_dying_midway_leaves_unsent_runs_queued_and_they_are_sent_exact
     monkeypatch: pytest.MonkeyPatch,
     resend: str,
 ) -> None:
-    monkeypatch.setattr("service.submit.PUBLISH_BATCH", 5)
+    monkeypatch.setattr("service.queue.enqueue.PUBLISH_BATCH", 5)
     grid = make_grid(SMALL)
     app = app_for(redis_server.url, tmp_path)
 

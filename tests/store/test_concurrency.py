@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from service.db import get_engine, make_engine
+from service.store import get_engine, make_engine
 
 WRITERS = 4
 STEPS = 600
@@ -27,7 +27,7 @@ def test_sqlite_connections_use_wal_a_busy_timeout_and_foreign_keys(
 
 
 def _write_run(url: str, run_id: int, start: Any) -> int:
-    from service.ingest import write_metrics
+    from service.store import write_metrics
 
     engine = make_engine(url)
     start.wait(30)

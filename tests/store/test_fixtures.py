@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 from sqlalchemy import text
 
-from service.db import make_engine
+from service.store import make_engine
 
 CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
 REPO = CONFTEST.parent.parent
@@ -76,7 +76,7 @@ def test_postgres_store_is_a_schema_of_its_own_dropped_after_the_test(
 ) -> None:
     inner = """
         from sqlalchemy import text
-        from service.db import make_engine
+        from service.store import make_engine
 
         def test_inner(pg_store_url):
             engine = make_engine(pg_store_url)
@@ -118,8 +118,8 @@ def test_redis_db_is_leased_to_this_test_and_starts_empty(redis_url: str) -> Non
 def test_store_env_points_the_settings_and_get_engine_at_the_tests_store(
     store_env: str, add_runs: Callable[..., list[int]]
 ) -> None:
-    from service.db import get_engine
     from service.settings import get_settings
+    from service.store import get_engine
 
     assert get_settings().database_url == store_env
     engine = get_engine()

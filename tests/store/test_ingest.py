@@ -14,8 +14,10 @@ from sqlalchemy.orm import Session
 
 from engine.metrics import METRICS, RECORD_FIELDS
 from service.exceptions import NotFoundError, StoreError
-from service.ingest import (
+from service.store import (
     METRIC_COLUMNS,
+    Run,
+    RunStatus,
     load_artifact,
     load_dataset_bytes,
     save_artifact,
@@ -23,7 +25,6 @@ from service.ingest import (
     write_metric_rows,
     write_metrics,
 )
-from service.models import Run, RunStatus
 
 AddRuns = Callable[..., list[int]]
 
@@ -225,7 +226,7 @@ def test_datasets_are_stored_once_by_content_hash(store_engine: Engine) -> None:
 
 
 def test_metric_arrays_for_postgresql_refuse_a_float_step_and_leave_absent_metrics_null() -> None:
-    from service.ingest import PgFloat8Array, PgInt4Array, pg_metric_arrays
+    from service.store.ingest import PgFloat8Array, PgInt4Array, pg_metric_arrays
 
     arrays = pg_metric_arrays(1, [{"step": 1, "train_loss": 0.5}, {"step": 2, "val_loss": 0.25}])
     by_field = dict(zip(RECORD_FIELDS, arrays, strict=True))

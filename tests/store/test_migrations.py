@@ -15,11 +15,16 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
-from service.db import make_engine
 from service.exceptions import StoreError
-from service.migrate import current_revision, downgrade, head_revision, include_object, upgrade
-from service.models import Base
-from service.queries import VIEWS
+from service.store import Base, make_engine
+from service.store.migrate import (
+    VIEWS,
+    current_revision,
+    downgrade,
+    head_revision,
+    include_object,
+    upgrade,
+)
 
 TABLES = {"experiments", "runs", "metrics", "artifacts", "datasets"}
 
@@ -106,7 +111,7 @@ def test_upgrade_to_an_unknown_revision_is_one_line_store_error(sqlite_store_url
 
 
 def _first_use(url: str) -> str | None:
-    from service.db import get_engine
+    from service.store import get_engine
 
     return current_revision(get_engine(url))
 

@@ -8,16 +8,14 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from service.db import make_engine, session_scope
-from service.ingest import write_metrics
-from service.models import Experiment, Run, RunStatus
-from service.queries import (
+from service.results import (
     experiment_datasets,
     experiment_progress,
     leaderboard,
     leaderboard_sql,
     loss_curve,
 )
+from service.store import Experiment, Run, RunStatus, make_engine, session_scope, write_metrics
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 RUN_SUMMARY_COLUMNS = [

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Engine
 from worker_testlib import REPO, TINY_BACKPROP, add_runs, run_rows, wait_for, worker_env
 
-from service.models import RunStatus
+from service.store import RunStatus
 
 GRID = """\
 name: tiny
@@ -120,7 +120,7 @@ def cli_env(store_url: str, tmp_path: Path) -> dict[str, str]:
 
 
 def _engine(url: str) -> Engine:
-    from service.db import make_engine
+    from service.store import make_engine
 
     return make_engine(url)
 
@@ -132,7 +132,7 @@ def test_cancel_and_retry_from_the_command_line(
     try:
         a, b, c = add_runs(engine, [{**TINY_BACKPROP, "seed": s} for s in range(3)], name="e1")
         with engine.begin() as conn:
-            from service.models import Run
+            from service.store import Run
 
             conn.execute(
                 Run.__table__.update()
@@ -181,8 +181,7 @@ def test_cancel_and_retry_from_the_command_line(
 def test_ls_and_show_print_progress_and_the_leaderboard(
     store_url: str, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    from service.db import session_scope
-    from service.runs import claim_run, finish_run
+    from service.store import claim_run, finish_run, session_scope
 
     engine = _engine(store_url)
     try:

@@ -1,4 +1,4 @@
-"""The run lifecycle data functions (service.runs) on SQLite and PostgreSQL."""
+"""The run lifecycle data functions (service.store.runs) on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,21 +15,26 @@ from sqlalchemy import Engine, select
 from worker_testlib import TINY_BACKPROP, add_runs, metric_steps, run_rows
 
 from engine.metrics import RECORD_FIELDS
-from service.models import Artifact, ArtifactKind, Run, RunStatus, metrics, utcnow
-from service.runs import (
+from service.store import (
+    Artifact,
+    ArtifactKind,
     Beat,
     Claim,
     Refusal,
+    Run,
+    RunStatus,
     cancel_experiment,
     claim_run,
     finish_run,
     heartbeat,
+    metrics,
     orphans,
     prepare_resume,
     reap_stale,
     requeue_dead_owners,
     reset_finished,
     save_progress,
+    utcnow,
     worker_identity,
 )
 
@@ -47,7 +52,7 @@ def _records(steps: range) -> list[dict[str, float | int]]:
 
 
 def _claim(engine: Engine, run_id: int, worker: str, **kw: object) -> Claim | Refusal:
-    from service.db import session_scope
+    from service.store import session_scope
 
     kw.setdefault("stale_seconds", STALE)
     kw.setdefault("max_attempts", 3)
@@ -56,7 +61,7 @@ def _claim(engine: Engine, run_id: int, worker: str, **kw: object) -> Claim | Re
 
 
 def _session(engine: Engine):
-    from service.db import session_scope
+    from service.store import session_scope
 
     return session_scope(engine)
 
@@ -309,7 +314,7 @@ def test_final_metrics_keep_stored_steps_and_store_every_value_exactly(
 
 @pytest.mark.postgres
 def test_final_metrics_keep_nan_and_negative_zero_on_postgresql(pg_store_url: str) -> None:
-    from service.db import make_engine
+    from service.store import make_engine
 
     engine = make_engine(pg_store_url)
     try:
@@ -338,7 +343,7 @@ def test_a_lost_connection_is_invalidated_and_the_next_claim_reconnects(
 ) -> None:
     from sqlalchemy.exc import DBAPIError
 
-    from service.db import make_engine
+    from service.store import make_engine
 
     engine = make_engine(pg_store_url)
     try:
@@ -376,7 +381,7 @@ def test_a_lost_connection_is_invalidated_and_the_next_claim_reconnects(
 def test_a_refused_final_write_raises_and_leaves_the_connection_usable(pg_store_url: str) -> None:
     from sqlalchemy.exc import DataError
 
-    from service.db import make_engine
+    from service.store import make_engine
 
     engine = make_engine(pg_store_url)
     try:
@@ -432,7 +437,7 @@ def test_reap_requeues_stale_runs_and_settles_cancelled_and_exhausted(
 
 @pytest.mark.postgres
 def test_two_reapers_racing_never_requeue_the_same_run(pg_store_url: str) -> None:
-    from service.db import make_engine
+    from service.store import make_engine
 
     engine = make_engine(pg_store_url, pool_size=4)
     try:

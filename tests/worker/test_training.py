@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, event
 from worker_testlib import TINY_BACKPROP, add_runs, metric_steps, run_rows
 
-from service.models import RunStatus
+from service.store import RunStatus
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def settings(store_url: str, tmp_path: Path) -> Any:
 
 @pytest.fixture
 def engine(settings: Any) -> Engine:
-    from service.db import get_engine
+    from service.store import get_engine
 
     return get_engine(settings.database_url)
 
@@ -130,8 +130,8 @@ def test_an_exception_fails_the_run_with_its_traceback(settings: Any, engine: En
 
 @pytest.mark.postgres
 def test_only_the_final_write_skips_the_wal_flush(pg_store_url: str, tmp_path: Path) -> None:
-    from service.db import get_engine
     from service.settings import load_settings
+    from service.store import get_engine
 
     settings = load_settings(database_url=pg_store_url, home=tmp_path / "home")
     engine = get_engine(pg_store_url)
@@ -151,8 +151,8 @@ def test_only_the_final_write_skips_the_wal_flush(pg_store_url: str, tmp_path: P
 def test_a_kept_connection_the_server_dropped_is_replaced_at_the_next_claim(
     pg_store_url: str, tmp_path: Path
 ) -> None:
-    from service.db import get_engine, make_engine
     from service.settings import load_settings
+    from service.store import get_engine, make_engine
 
     settings = load_settings(database_url=pg_store_url, home=tmp_path / "home")
     engine = get_engine(pg_store_url)
@@ -203,23 +203,23 @@ def test_runs_of_one_dataset_and_seed_share_one_read_only_copy(
 def test_a_csv_run_reads_the_stored_file_once_per_worker_process(
     settings: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.ingest
+    import service.store.ingest
     import worker.training
     from engine import TrainConfig, Trainer, load_dataset
     from engine.datasets import csv_name
-    from service.ingest import store_dataset
+    from service.store import store_dataset
 
     # Empty caches of this test's own: the module's live across tests.
     monkeypatch.setattr(worker.training, "_DATASETS", worker.training._SizedCache(2**20))
     monkeypatch.setattr(worker.training, "_CSVS", worker.training._SizedCache(2**20, len))
     reads: list[str] = []
-    read = service.ingest.load_dataset_bytes
+    read = service.store.ingest.load_dataset_bytes
 
     def counted(target: Any, sha256: str) -> bytes:
         reads.append(sha256)
         return read(target, sha256)
 
-    monkeypatch.setattr(service.ingest, "load_dataset_bytes", counted)
+    monkeypatch.setattr(service.store.ingest, "load_dataset_bytes", counted)
     rng = np.random.default_rng(5)
     body = "a,b,y\n" + "".join(
         f"{a:.6f},{b:.6f},{int(a * b > 0)}\n" for a, b in rng.normal(size=(80, 2))
@@ -282,7 +282,7 @@ def test_worker_main_process_preloads_what_its_children_import(pg_store_url: str
 
     code = (
         "import sys, worker.app\n"
-        "wanted = ('psycopg', 'service.ingest', 'numpy.random')\n"
+        "wanted = ('psycopg', 'service.store.ingest', 'numpy.random')\n"
         "print([m in sys.modules for m in wanted])\n"
         "worker.app._preload()\n"
         "print([m in sys.modules for m in wanted])\n"

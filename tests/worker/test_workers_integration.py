@@ -28,7 +28,7 @@ from worker_testlib import (
     worker_env,
 )
 
-from service.models import Artifact, ArtifactKind, RunStatus, metrics
+from service.store import Artifact, ArtifactKind, RunStatus, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.postgres]
 
@@ -52,9 +52,9 @@ class Cluster:
     """A store, a broker, settings for both, and the worker processes a test starts."""
 
     def __init__(self, store_url: str, broker_url: str, home: Path, log_dir: Path) -> None:
-        from service.celery_app import make_app
-        from service.db import make_engine
+        from service.queue import make_app
         from service.settings import load_settings
+        from service.store import make_engine
 
         self.settings = {
             "database_url": store_url,
@@ -92,7 +92,7 @@ class Cluster:
         return proc
 
     def submit(self, configs: list[dict[str, Any]], name: str = "exp") -> list[int]:
-        from service.submit import publish_runs
+        from service.queue import publish_runs
 
         ids = add_runs(self.engine, configs, name=name)
         publish_runs(self.app, ids, engine=self.engine)
@@ -253,7 +253,7 @@ def test_huge_learning_rate_diverges_and_the_other_runs_are_unaffected(cluster: 
 def test_message_for_a_missing_run_is_dropped_with_a_log_line_and_the_worker_goes_on(
     cluster: Cluster,
 ) -> None:
-    from service.celery_app import TRAIN_TASK
+    from service.queue import TRAIN_TASK
 
     worker = cluster.start_worker("w1", concurrency=1)
     cluster.app.send_task(TRAIN_TASK, args=[987654])
@@ -270,8 +270,7 @@ def test_message_for_a_missing_run_is_dropped_with_a_log_line_and_the_worker_goe
 def test_cancel_stops_the_running_run_keeping_its_metrics_and_queued_runs_never_start(
     cluster: Cluster,
 ) -> None:
-    from service.db import session_scope
-    from service.runs import cancel_experiment
+    from service.store import cancel_experiment, session_scope
 
     cluster.start_worker("w1", concurrency=1, app="paced_app")
     running, *queued = cluster.submit([LONG_RUN, TINY_BACKPROP, {**TINY_BACKPROP, "seed": 1}])
@@ -348,9 +347,8 @@ def test_message_waits_while_the_store_is_unreachable_and_the_run_trains_once_it
 ) -> None:
     from sqlalchemy.engine import make_url
 
-    from service.celery_app import TRAIN_TASK
-    from service.db import make_engine
-    from service.migrate import upgrade
+    from service.queue import TRAIN_TASK
+    from service.store import make_engine, upgrade
 
     name = f"mlpq_test_down_{os.getpid()}_{int(time.time())}"
     # The PostgreSQL server the shared fixtures use (tests/conftest.py).

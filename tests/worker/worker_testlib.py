@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, insert, select
 
-from service.models import Experiment, Run, RunStatus, metrics
+from service.store import Experiment, Run, RunStatus, metrics
 
 REPO = Path(__file__).resolve().parents[2]
 

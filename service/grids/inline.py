@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from service.exceptions import GridError
-from service.grid import Grid, Progress, expand_grid, parse_grid
-from service.grid_spec import BACKPROP_KEYS, RANDOM_WALK_KEYS
+from service.grids.loader import Grid, Progress, expand_grid, parse_grid
+from service.grids.spec import BACKPROP_KEYS, RANDOM_WALK_KEYS
 
 #: Option name -> (section of the grid mapping, key). Section "optimizer" = its block.
 INLINE_OPTIONS: dict[str, tuple[str, str]] = {

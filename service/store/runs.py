@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from engine.metrics import RECORD_FIELDS
 from service.exceptions import NotFoundError
-from service.models import (
+from service.store.models import (
     FINISHED,
     SUMMARY_COLUMNS,
     Artifact,
@@ -164,7 +164,7 @@ _FINISH = (
     .returning(_runs.c.id)
 )
 _DROP_ARTIFACTS = delete(_artifacts).where(_artifacts.c.run_id == bindparam("b_id"))
-# A plain INSERT: finish_run drops the run's artifacts first (service.ingest.save_artifact's
+# A plain INSERT: finish_run drops the run's artifacts first (service.store.ingest.save_artifact's
 # upsert costs more to build than a tiny run's whole final write).
 _INSERT_WEIGHTS = insert(_artifacts).values(
     run_id=bindparam("b_id"),
@@ -228,7 +228,7 @@ def _pg_finish_statement(*, metrics: bool, weights: bool, drop: bool) -> str:
 
     ``fin`` is the guarded UPDATE; every other part reads its id, so a worker that
     no longer owns the run writes nothing. Metric rows arrive as one binary array per
-    column (``service.ingest.pg_metric_arrays``); steps already stored stay.
+    column (``service.store.ingest.pg_metric_arrays``); steps already stored stay.
     """
     summary = ", ".join(f"{name} = %(s_{name})s" for name in SUMMARY_COLUMNS)
     parts = [
@@ -398,7 +398,7 @@ def save_progress(
     Metrics are written before the checkpoint, so a stored checkpoint never holds
     a step whose metrics are missing.
     """
-    from service.ingest import save_artifact, write_metrics
+    from service.store.ingest import save_artifact, write_metrics
 
     beat = heartbeat(session=session, run_id=run_id, worker=worker, attempt=attempt)
     if beat is Beat.lost:
@@ -424,7 +424,7 @@ def prepare_resume(*, session: Session | Connection, run_id: int) -> Resume:
     Rows after the checkpoint came from a worker that died before its next
     checkpoint; the resumed training writes those steps again.
     """
-    from service.ingest import load_artifact
+    from service.store.ingest import load_artifact
 
     stored = load_artifact(session, run_id, ArtifactKind.checkpoint)
     step = int(stored.step or 0) if stored is not None else 0
@@ -469,7 +469,7 @@ def finish_run(
     ownership UPDATE), so it is atomic even outside a transaction: a worker runs
     it in autocommit, one round trip for a run's whole result.
     """
-    from service.ingest import npz_shapes, write_metrics
+    from service.store.ingest import npz_shapes, write_metrics
 
     now = now or utcnow()
     summary = summary or {}
@@ -538,7 +538,7 @@ def _finish_postgresql(
     has_artifacts: bool,
     now: datetime,
 ) -> bool:
-    from service.ingest import pg_metric_arrays, register_pg_arrays
+    from service.store.ingest import pg_metric_arrays, register_pg_arrays
 
     statement = _pg_finish_statement(
         metrics=bool(records), weights=weights is not None, drop=has_artifacts

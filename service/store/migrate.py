@@ -24,7 +24,9 @@ from sqlalchemy.exc import DBAPIError
 
 import migrations
 from service.exceptions import StoreError
-from service.queries import VIEWS
+
+#: Views created by the migrations (autogenerate comparisons skip them).
+VIEWS: tuple[str, ...] = ("run_summary", "experiment_progress")
 
 #: Folder of env.py and versions/, inside the installed ``migrations`` package.
 SCRIPT_LOCATION = Path(migrations.__file__).resolve().parent

@@ -1,6 +1,6 @@
 """Grids: read a grid file (YAML, JSON or TOML), validate it whole, expand it into runs.
 
-``load_grid(path)`` and ``inline_grid(...)`` (``service.grid_inline``) both go
+``load_grid(path)`` and ``inline_grid(...)`` (``service.grids.inline``) both go
 through ``parse_grid`` (structure, pydantic) and ``expand_grid`` (every value
 checked against ``engine.TrainConfig``, then the product, the samples, the
 exclusions), so a grid is valid as a whole before anything is written. Errors
@@ -26,7 +26,7 @@ import yaml
 from pydantic import ValidationError
 
 from service.exceptions import GridError
-from service.grid_resolve import (
+from service.grids.resolve import (
     CsvFile,
     ParsedGrid,
     Resolver,
@@ -34,7 +34,7 @@ from service.grid_resolve import (
     block_size,
     grid_error,
 )
-from service.grid_spec import GridSpec, error_line, hidden_label
+from service.grids.spec import GridSpec, error_line, hidden_label
 
 #: No submit expands more runs than this, --yes or not (memory and time stay bounded).
 HARD_MAX_RUNS = 1_000_000

@@ -4,7 +4,7 @@ A value written as a list is an axis of the Cartesian product; a mapping with on
 of ``uniform``, ``loguniform`` or ``choice`` is a random axis sampled ``samples``
 times; anything else is a fixed value. Axis parsers only check shapes and types
 here; ranges and names are checked value by value against ``engine.TrainConfig``
-in ``service.grid`` so the rules live in one place.
+in ``service.grids.loader`` so the rules live in one place.
 """
 
 from __future__ import annotations

@@ -32,17 +32,10 @@ from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import Connection, Engine, func, insert, select, text, update
 
-from service.celery_app import QUEUE, TRAIN_TASK
 from service.exceptions import BrokerError
-from service.grid import Grid, hidden_label
-from service.ingest import store_dataset
-from service.models import (
-    Experiment,
-    Run,
-    RunStatus,
-    utcnow,
-)
-from service.runs import reset_runs
+from service.grids import Grid, hidden_label
+from service.queue.app import QUEUE, TRAIN_TASK
+from service.store import Experiment, Run, RunStatus, reset_runs, store_dataset, utcnow
 
 try:
     import fcntl
@@ -152,7 +145,7 @@ def publish_runs(
     a batch the broker took without confirming is sent again by a later publish:
     delivery is at least once, and the worker's claim makes a second message a no-op.
     """
-    from service.db import get_engine
+    from service.store import get_engine
 
     ids = [int(i) for i in run_ids]
     if not ids:

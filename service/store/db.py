@@ -83,7 +83,7 @@ def get_engine(url: str | None = None) -> Engine:
             if engine is None:
                 engine = make_engine(key[0])
                 if is_sqlite(engine):
-                    from service.migrate import upgrade
+                    from service.store.migrate import upgrade
 
                     upgrade(engine)
                 _ENGINES[key] = engine

@@ -62,7 +62,7 @@ from sqlalchemy.orm import Session
 
 from engine.metrics import METRICS, RECORD_FIELDS, STEP
 from service.exceptions import NotFoundError, StoreError
-from service.models import Artifact, ArtifactKind, Dataset, utcnow
+from service.store.models import Artifact, ArtifactKind, Dataset, utcnow
 
 #: Column order of a row given to ``write_metric_rows``.
 METRIC_COLUMNS: tuple[str, ...] = ("run_id", *RECORD_FIELDS)

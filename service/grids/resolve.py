@@ -21,7 +21,7 @@ from typing import Any
 
 from engine import DATASETS, ConfigError, TrainConfig, load_dataset
 from service.exceptions import GridError
-from service.grid_spec import (
+from service.grids.spec import (
     BUDGET_KEY,
     KEY_KINDS,
     MODEL_KEYS,

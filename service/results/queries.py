@@ -11,9 +11,6 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-#: Views created by the migrations (autogenerate comparisons skip them).
-VIEWS: tuple[str, ...] = ("run_summary", "experiment_progress")
-
 #: Summary columns a leaderboard can rank by; losses rank ascending, the rest descending.
 RANKABLE: tuple[str, ...] = (
     "best_val_accuracy",

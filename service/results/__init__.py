@@ -1,0 +1,25 @@
+"""Results: the read side, the questions researchers ask of a finished (or running) grid.
+
+Owns the queries behind ``mlpq ls``, ``mlpq show`` and the leaderboards
+(``queries``), each one plain SQL over the store's tables and views that works
+as it is in ``mlpq sql`` on SQLite and PostgreSQL. Reads the store; never
+writes it, and knows nothing of grids or the queue.
+"""
+
+from service.results.queries import (
+    RANKABLE,
+    experiment_datasets,
+    experiment_progress,
+    leaderboard,
+    leaderboard_sql,
+    loss_curve,
+)
+
+__all__ = [
+    "RANKABLE",
+    "experiment_datasets",
+    "experiment_progress",
+    "leaderboard",
+    "leaderboard_sql",
+    "loss_curve",
+]

@@ -1,0 +1,103 @@
+"""The SQL store: engines, models, migrations, metric and artifact ingest, the run lifecycle.
+
+Owns everything that reads or writes the tables on SQLite and PostgreSQL alike:
+``db`` (engines and sessions), ``models`` (the SQLAlchemy tables), ``migrate``
+(Alembic in code), ``ingest`` (batched metric rows, npz artifacts, stored
+datasets) and ``runs`` (claim, heartbeat, checkpoint, finish, cancel, reset,
+reap). Knows nothing of grids or the queue: callers hand it rows and ids.
+"""
+
+from service.store.db import dispose_engines, get_engine, make_engine, session_scope
+from service.store.ingest import (
+    METRIC_COLUMNS,
+    load_artifact,
+    load_dataset_bytes,
+    save_artifact,
+    store_dataset,
+    write_metric_rows,
+    write_metrics,
+)
+from service.store.migrate import VIEWS, current_revision, downgrade, head_revision, upgrade
+from service.store.models import (
+    FINISHED,
+    Artifact,
+    ArtifactKind,
+    Base,
+    Dataset,
+    Experiment,
+    Run,
+    RunStatus,
+    metrics,
+    utcnow,
+)
+from service.store.runs import (
+    Beat,
+    Claim,
+    Refusal,
+    cancel_experiment,
+    claim_run,
+    finish_run,
+    get_experiment,
+    heartbeat,
+    mark_unsent,
+    orphans,
+    prepare_resume,
+    queued_published,
+    reap_stale,
+    record_resume,
+    requeue_dead_owners,
+    reset_finished,
+    reset_runs,
+    save_progress,
+    status_counts,
+    worker_identity,
+)
+
+__all__ = [
+    "FINISHED",
+    "METRIC_COLUMNS",
+    "VIEWS",
+    "Artifact",
+    "ArtifactKind",
+    "Base",
+    "Beat",
+    "Claim",
+    "Dataset",
+    "Experiment",
+    "Refusal",
+    "Run",
+    "RunStatus",
+    "cancel_experiment",
+    "claim_run",
+    "current_revision",
+    "dispose_engines",
+    "downgrade",
+    "finish_run",
+    "get_engine",
+    "get_experiment",
+    "head_revision",
+    "heartbeat",
+    "load_artifact",
+    "load_dataset_bytes",
+    "make_engine",
+    "mark_unsent",
+    "metrics",
+    "orphans",
+    "prepare_resume",
+    "queued_published",
+    "reap_stale",
+    "record_resume",
+    "requeue_dead_owners",
+    "reset_finished",
+    "reset_runs",
+    "save_artifact",
+    "save_progress",
+    "session_scope",
+    "status_counts",
+    "store_dataset",
+    "upgrade",
+    "utcnow",
+    "worker_identity",
+    "write_metric_rows",
+    "write_metrics",
+]
