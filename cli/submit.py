@@ -22,6 +22,34 @@ PROGRESS_MIN_RUNS = 2000
 SAMPLE_ROWS = 12
 
 Opt = Annotated[str | None, typer.Option(rich_help_panel=_INLINE)]
+#: Inline options that are grid keys, in the order of the grid file's sections.
+INLINE_KEYS: tuple[str, ...] = (
+    "dataset",
+    "hidden",
+    "activation",
+    "init",
+    "dtype",
+    "val_fraction",
+    "log_every",
+    "target_loss",
+    "patience",
+    "epochs",
+    "iterations",
+    "time_limit",
+    "learning_rate",
+    "batch_size",
+    "momentum",
+    "weight_decay",
+    "lr_decay",
+    "step_size",
+    "temperature",
+    "cooling",
+    "adapt_step",
+    "target_acceptance",
+    "candidates",
+)
+#: Inline options that say how to build the grid rather than set a key.
+EXTRA_KEYS: tuple[str, ...] = ("optimizer", "seeds", "seed", "target", "task")
 
 
 def submit(
@@ -108,61 +136,22 @@ def submit(
     or running ones are not duplicated; failed or cancelled ones of this
     experiment are queued again.
     """
-    from service.exceptions import GridError
-    from service.grids import flag, inline_grid, load_grid
     from service.settings import get_settings
 
-    inline: dict[str, str | None] = {
-        "dataset": dataset,
-        "hidden": hidden,
-        "activation": activation,
-        "init": init,
-        "dtype": dtype,
-        "val_fraction": val_fraction,
-        "log_every": log_every,
-        "target_loss": target_loss,
-        "patience": patience,
-        "epochs": epochs,
-        "iterations": iterations,
-        "time_limit": time_limit,
-        "learning_rate": learning_rate,
-        "batch_size": batch_size,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "lr_decay": lr_decay,
-        "step_size": step_size,
-        "temperature": temperature,
-        "cooling": cooling,
-        "adapt_step": adapt_step,
-        "target_acceptance": target_acceptance,
-        "candidates": candidates,
-    }
-    extras = {"optimizer": optimizer, "seeds": seeds, "seed": seed, "target": target, "task": task}
-    given = [k for k, v in {**inline, **extras}.items() if v is not None]
+    options = locals()
+    inline = {key: options[key] for key in INLINE_KEYS}
     settings = get_settings()
     console = Console(stderr=True)
     with _progress(console) as bar:
-        if grid_file is not None:
-            if given:
-                raise GridError(f"{flag(given[0])}: give a grid file or inline options, not both")
-            grid = load_grid(
-                grid_file, name=name, max_runs=settings.max_grid_runs, yes=yes, progress=bar
-            )
-        elif given:
-            grid = inline_grid(
-                inline,
-                optimizers=optimizer,
-                seeds=seeds,
-                seed=seed,
-                target=target,
-                task=task,
-                name=name,
-                max_runs=settings.max_grid_runs,
-                yes=yes,
-                progress=bar,
-            )
-        else:
-            raise GridError("submit: give a grid file (mlpq submit grid.yaml) or --dataset ...")
+        grid = _read_grid(
+            grid_file,
+            inline,
+            {key: options[key] for key in EXTRA_KEYS},
+            name=name,
+            max_runs=settings.max_grid_runs,
+            yes=yes,
+            progress=bar,
+        )
         if dry_run:
             bar.stop()
             _show_dry_run(grid)
@@ -173,6 +162,41 @@ def submit(
         raise typer.Exit(code=1)
     # Returned for `mlpq run`, which submits through this command and then waits.
     return report
+
+
+def _read_grid(
+    grid_file: Path | None,
+    inline: dict[str, str | None],
+    extras: dict[str, str | None],
+    *,
+    name: str | None,
+    max_runs: int,
+    yes: bool,
+    progress: Any,
+) -> Grid:
+    """The grid of a file or of inline options (never both), validated whole."""
+    from service.exceptions import GridError
+    from service.grids import flag, inline_grid, load_grid
+
+    given = [k for k, v in {**inline, **extras}.items() if v is not None]
+    if grid_file is not None:
+        if given:
+            raise GridError(f"{flag(given[0])}: give a grid file or inline options, not both")
+        return load_grid(grid_file, name=name, max_runs=max_runs, yes=yes, progress=progress)
+    if not given:
+        raise GridError("submit: give a grid file (mlpq submit grid.yaml) or --dataset ...")
+    return inline_grid(
+        inline,
+        optimizers=extras["optimizer"],
+        seeds=extras["seeds"],
+        seed=extras["seed"],
+        target=extras["target"],
+        task=extras["task"],
+        name=name,
+        max_runs=max_runs,
+        yes=yes,
+        progress=progress,
+    )
 
 
 def _submit(grid: Grid, *, force: bool, progress: Any) -> SubmitReport:

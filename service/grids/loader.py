@@ -26,14 +26,9 @@ import yaml
 from pydantic import ValidationError
 
 from service.exceptions import GridError
-from service.grids.resolve import (
-    CsvFile,
-    ParsedGrid,
-    Resolver,
-    block_configs,
-    block_size,
-    grid_error,
-)
+from service.grids.datasets import CsvFile
+from service.grids.parsed import ParsedGrid, grid_error
+from service.grids.resolve import Resolver, block_configs, block_size
 from service.grids.spec import GridSpec, error_line, hidden_label
 
 #: No submit expands more runs than this, --yes or not (memory and time stay bounded).
@@ -243,7 +238,7 @@ def expand_grid(
         source=parsed.source,
         spec=_record(parsed),
         runs=runs,
-        datasets=list(resolver.csv_files.values()),
+        datasets=list(resolver.datasets.csv_files.values()),
         excluded=excluded,
         duplicates=duplicates,
     )

@@ -10,17 +10,16 @@ yields the canonical configs of one block in product order.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from engine import DATASETS, ConfigError, TrainConfig, load_dataset
-from service.exceptions import GridError
+from engine import ConfigError, TrainConfig
+from service.grids.datasets import Datasets, Dim
+from service.grids.parsed import GridPart, ParsedGrid, Path_
 from service.grids.spec import (
     BUDGET_KEY,
     KEY_KINDS,
@@ -28,66 +27,14 @@ from service.grids.spec import (
     OPTIMIZER_KEYS,
     TRAINING_KEYS,
     Axis,
-    CsvDataset,
-    GridSpec,
     PathError,
     format_path,
-    hidden_label,
     parse_axis,
 )
+from service.grids.values import AxisAt, Values, axis_bounds
 
 #: Significant digits kept of a randomly drawn number, so it prints and hashes stably.
 SAMPLE_DIGITS = 6
-
-Path_ = tuple[str | int, ...]
-
-
-@dataclass(frozen=True)
-class CsvFile:
-    """A user CSV named by the grid, read at parse time, stored by content hash at submit."""
-
-    name: str  # file name, for the record
-    sha256: str
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ParsedGrid:
-    """A structurally valid grid and where it came from (for error messages and CSV paths)."""
-
-    spec: GridSpec
-    raw: Mapping[str, Any]
-    source: str
-    base_dir: Path
-    default_name: str
-    aliases: Mapping[str, str] = field(default_factory=dict)
-
-
-def grid_error(source: str, aliases: Mapping[str, str], path: Path_, message: str) -> GridError:
-    where = format_path(path)
-    # Inline grids name the command-line option instead of the key path.
-    for key in sorted(aliases, key=len, reverse=True):
-        if where == key or where.startswith((key + ".", key + "[")):
-            return GridError(f"{aliases[key]}: {message}")
-    if where:
-        return GridError(f"{source}: {where}: {message}")
-    return GridError(f"{source}: {message}")
-
-
-@dataclass
-class Dim:
-    """One factor of the product: one axis, or several zipped axes, or the sample index."""
-
-    keys: tuple[str, ...]
-    rows: list[tuple[Any, ...]]  # each row gives a value to every key
-    paths: list[tuple[Path_, ...]]  # where each row's values were written
-
-
-@dataclass
-class AxisAt:
-    key: str
-    axis: Axis
-    path: Path_
 
 
 @dataclass
@@ -111,176 +58,69 @@ def _grid_key(name: str, optimizer: str | None = None) -> str | None:
     return {"seeds": "seed", "datasets": "dataset"}.get(name, name)
 
 
-class Resolver:
-    """Turns a ParsedGrid into checked blocks; caches per-value checks and CSV reads."""
+class Resolver(GridPart):
+    """Turns a ParsedGrid into checked blocks, with its ``values`` and ``datasets`` checkers."""
 
     def __init__(self, parsed: ParsedGrid) -> None:
-        self.parsed = parsed
+        super().__init__(parsed)
         self.spec = parsed.spec
-        # (optimizer, key, value) -> the value as TrainConfig.to_dict() gives it.
-        self._normal: dict[tuple[str, str, Any], Any] = {}
-        self.csv_files: dict[str, CsvFile] = {}
-        self.csv_labels: dict[str, str] = {}  # label or path as written -> dataset name
-
-    def error(self, path: Path_, message: str) -> GridError:
-        return grid_error(self.parsed.source, self.parsed.aliases, path, message)
-
-    # values -----------------------------------------------------------------------------
-
-    def check_value(self, optimizer: str, key: str, value: Any, path: Path_) -> Any:
-        """Check one value of ``key`` alone against TrainConfig; its canonical form."""
-        marker = (optimizer, key, value)
-        if marker in self._normal:
-            return self._normal[marker]
-        probe: dict[str, Any] = {"dataset": DATASETS[0], "optimizer": optimizer, key: value}
-        if key == "hidden":
-            probe[key] = list(value)
-        try:
-            normal = TrainConfig.from_dict(probe).to_dict()[key]
-        except ConfigError as exc:
-            raise self.error(path, exc.problem) from None
-        self._normal[marker] = normal
-        return normal
-
-    def check_axis(self, optimizer: str, at: AxisAt) -> None:
-        axis = at.axis
-        if axis.dist in ("uniform", "loguniform"):
-            bounds = _bounds(axis)
-            if bounds[0] > bounds[1]:
-                raise self.error(
-                    (*at.path, axis.dist), f"no integer between {axis.low:g} and {axis.high:g}"
-                )
-            for i, value in enumerate(bounds):
-                self.check_value(optimizer, at.key, value, (*at.path, axis.dist, i))
-            return
-        for i, value in enumerate(axis.values):
-            where = at.path
-            if axis.dist == "choice":
-                where = (*at.path, "choice", i)
-            elif axis.listed:
-                where = (*at.path, i)
-            self.check_value(optimizer, at.key, value, where)
-        if axis.dist is None and len(set(axis.values)) != len(axis.values):
-            seen: dict[Any, int] = {}
-            for i, value in enumerate(axis.values):
-                if value in seen:
-                    raise self.error(
-                        (*at.path, i),
-                        f"repeats {at.path[-1]}[{seen[value]}] ({_show(value)}); "
-                        "each value of an axis must be different",
-                    )
-                seen[value] = i
-
-    # datasets ---------------------------------------------------------------------------
-
-    def dataset_rows(self, entries: tuple[str | CsvDataset, ...], path: Path_) -> Dim:
-        rows, paths = [], []
-        for i, entry in enumerate(entries):
-            where = (*path, i) if len(entries) > 1 or isinstance(self._raw(path), list) else path
-            if isinstance(entry, str):
-                if entry not in DATASETS:
-                    raise self.error(
-                        where,
-                        f"unknown dataset {entry!r}; expected one of {', '.join(DATASETS)} "
-                        "or {csv: path, target: column}",
-                    )
-                rows.append((entry, None, None))
-            else:
-                rows.append(self.csv_row(entry, where))
-            paths.append((where, where, where))
-        seen = set()
-        for row, where in zip(rows, paths, strict=True):
-            if row in seen:
-                raise self.error(where[0], f"dataset {row[0]!r} is listed twice")
-            seen.add(row)
-        return Dim(("dataset", "target", "task"), rows, paths)
-
-    def _raw(self, path: Path_) -> Any:
-        node: Any = self.parsed.raw
-        for part in path:
-            try:
-                node = node[part]
-            except (KeyError, IndexError, TypeError):
-                return None
-        return node
-
-    def csv_row(self, entry: CsvDataset, where: Path_) -> tuple[str, str, str | None]:
-        file = (self.parsed.base_dir / entry.csv).resolve()
-        key = str(file)
-        if key not in self.csv_files:
-            try:
-                data = file.read_bytes()
-            except FileNotFoundError:
-                raise self.error((*where, "csv"), f"no such file: {file}") from None
-            except OSError as exc:
-                raise self.error((*where, "csv"), f"cannot read {file}: {exc}") from None
-            self.csv_files[key] = CsvFile(
-                name=file.name, sha256=hashlib.sha256(data).hexdigest(), data=data
-            )
-        csv = self.csv_files[key]
-        name = f"csv:{csv.sha256}"
-        try:
-            # The whole file is parsed now, so a bad CSV fails the submit, not a worker.
-            load_dataset(name, seed=0, csv=csv.data, target=entry.target, task=entry.task)
-        except ConfigError as exc:
-            sub = "target" if exc.key == "target" else "task" if exc.key == "task" else "csv"
-            raise self.error((*where, sub), f"{file.name}: {exc.problem}") from None
-        for label in (entry.name, entry.csv, file.name):
-            if label:
-                self.csv_labels[label] = name
-        return (name, entry.target, entry.task)
+        self.values = Values(parsed)
+        self.datasets = Datasets(parsed)
 
     # blocks -----------------------------------------------------------------------------
 
     def blocks(self) -> list[Block]:
-        spec = self.spec
-        out = []
-        for i, block in enumerate(spec.optimizers):
-            optimizer = block.optimizer
-            bpath: Path_ = ("optimizers", i)
-            axes: dict[str, AxisAt] = {}
-            sections = (
-                ("model", spec.model, MODEL_KEYS),
-                ("training", spec.training, TRAINING_KEYS),
-            )
-            for section, values, keys in sections:
-                for key in keys:
-                    own = getattr(block, key)
-                    if own is not None:
-                        axes[key] = AxisAt(key, own, (*bpath, key))
-                    elif getattr(values, key) is not None:
-                        axes[key] = AxisAt(key, getattr(values, key), (section, key))
-            for key in OPTIMIZER_KEYS[optimizer]:
-                if getattr(block, key) is not None:
-                    axes[key] = AxisAt(key, getattr(block, key), (*bpath, key))
-            budget_key = BUDGET_KEY[optimizer]
-            if getattr(block, budget_key) is not None:
-                axes["max_steps"] = AxisAt(
-                    "max_steps", getattr(block, budget_key), (*bpath, budget_key)
-                )
-            elif getattr(spec.budget, budget_key) is not None:
-                axes["max_steps"] = AxisAt(
-                    "max_steps", getattr(spec.budget, budget_key), ("budget", budget_key)
-                )
-            seeds, seeds_path = (
-                (block.seeds, (*bpath, "seeds"))
-                if block.seeds is not None
-                else (spec.seeds, ("seeds",))
-            )
-            listed = isinstance(self._raw(seeds_path), list)
-            axes["seed"] = AxisAt("seed", Axis("int", values=seeds, listed=listed), seeds_path)
-            for at in axes.values():
-                self.check_axis(optimizer, at)
-            zips = [((*bpath, "zip", j), tuple(g)) for j, g in enumerate(block.zip)]
-            excludes = [((*bpath, "exclude", j), r) for j, r in enumerate(block.exclude)]
-            samples = block.samples if block.samples is not None else spec.samples
-            time_limit = (
-                block.time_limit if block.time_limit is not None else spec.budget.time_limit
-            )
-            out.append(Block(i, optimizer, bpath, axes, zips, excludes, samples, time_limit))
+        """Every optimizer block with its axes checked, then the top-level zips and samples."""
+        out = [self._block(i, block) for i, block in enumerate(self.spec.optimizers)]
         self._apply_top_zips(out)
         self._check_samples(out)
         return out
+
+    def _block(self, i: int, block: Any) -> Block:
+        spec = self.spec
+        bpath: Path_ = ("optimizers", i)
+        axes = self._block_axes(block, bpath)
+        for at in axes.values():
+            self.values.check_axis(block.optimizer, at)
+        zips = [((*bpath, "zip", j), tuple(g)) for j, g in enumerate(block.zip)]
+        excludes = [((*bpath, "exclude", j), r) for j, r in enumerate(block.exclude)]
+        samples = block.samples if block.samples is not None else spec.samples
+        time_limit = block.time_limit if block.time_limit is not None else spec.budget.time_limit
+        return Block(i, block.optimizer, bpath, axes, zips, excludes, samples, time_limit)
+
+    def _block_axes(self, block: Any, bpath: Path_) -> dict[str, AxisAt]:
+        """Config key -> axis for one block: its own values override the common sections."""
+        spec = self.spec
+        optimizer = block.optimizer
+        axes: dict[str, AxisAt] = {}
+        sections = (("model", spec.model, MODEL_KEYS), ("training", spec.training, TRAINING_KEYS))
+        for section, values, keys in sections:
+            for key in keys:
+                own = getattr(block, key)
+                if own is not None:
+                    axes[key] = AxisAt(key, own, (*bpath, key))
+                elif getattr(values, key) is not None:
+                    axes[key] = AxisAt(key, getattr(values, key), (section, key))
+        for key in OPTIMIZER_KEYS[optimizer]:
+            if getattr(block, key) is not None:
+                axes[key] = AxisAt(key, getattr(block, key), (*bpath, key))
+        budget_key = BUDGET_KEY[optimizer]
+        if getattr(block, budget_key) is not None:
+            axes["max_steps"] = AxisAt(
+                "max_steps", getattr(block, budget_key), (*bpath, budget_key)
+            )
+        elif getattr(spec.budget, budget_key) is not None:
+            axes["max_steps"] = AxisAt(
+                "max_steps", getattr(spec.budget, budget_key), ("budget", budget_key)
+            )
+        seeds, seeds_path = (
+            (block.seeds, (*bpath, "seeds"))
+            if block.seeds is not None
+            else (spec.seeds, ("seeds",))
+        )
+        listed = isinstance(self._raw(seeds_path), list)
+        axes["seed"] = AxisAt("seed", Axis("int", values=seeds, listed=listed), seeds_path)
+        return axes
 
     def _apply_top_zips(self, blocks: list[Block]) -> None:
         for j, group in enumerate(self.spec.zip):
@@ -329,7 +169,7 @@ class Resolver:
         own = self.spec.optimizers[block.index].datasets
         if own is not None:
             entries, dpath = own, (*block.path, "datasets")
-        dims = [self.dataset_rows(entries, dpath)]
+        dims = [self.datasets.rows(entries, dpath)]
         zipped: dict[str, tuple[Path_, tuple[str, ...]]] = {}
         for zpath, group in block.zips:
             keys = self._zip_keys(block, zpath, group)
@@ -438,7 +278,7 @@ class Resolver:
             if owner is not None and owner != block.optimizer:
                 applies = False
             if key == "dataset":
-                out[key] = frozenset(self._dataset_names(raw, where))
+                out[key] = frozenset(self.datasets.names(raw, where))
                 continue
             kind, optional = KEY_KINDS[key]
             try:
@@ -451,23 +291,9 @@ class Resolver:
                 raise self.error(where, "expected a value or a list of values to exclude")
             checker = owner or block.optimizer
             for i, value in enumerate(axis.values):
-                self.check_value(checker, key, value, (*where, i) if axis.listed else where)
+                self.values.check_value(checker, key, value, (*where, i) if axis.listed else where)
             out[key] = frozenset(axis.values)
         return out if applies else None
-
-    def _dataset_names(self, raw: Any, where: Path_) -> list[str]:
-        names = raw if isinstance(raw, list) else [raw]
-        out = []
-        for n in names:
-            if isinstance(n, str) and n in DATASETS:
-                out.append(n)
-            elif isinstance(n, str) and n in self.csv_labels:
-                out.append(self.csv_labels[n])
-            elif isinstance(n, str) and n.startswith("csv:"):
-                out.append(n)
-            else:
-                raise self.error(where, f"{n!r} is not a dataset of this grid")
-        return out
 
 
 _RULE_KEYS = (
@@ -496,13 +322,6 @@ def _zip_names(optimizer: str) -> list[str]:
     return [*MODEL_KEYS, *TRAINING_KEYS, *OPTIMIZER_KEYS[optimizer], BUDGET_KEY[optimizer], "seeds"]
 
 
-def _bounds(axis: Axis) -> tuple[Any, Any]:
-    low, high = float(axis.low or 0.0), float(axis.high or 0.0)
-    if axis.kind == "int":
-        return math.ceil(low), math.floor(high)
-    return low, high
-
-
 def _round(value: float) -> float:
     return float(f"{value:.{SAMPLE_DIGITS}g}")
 
@@ -516,16 +335,10 @@ def _draw(rng: random.Random, axis: Axis) -> Any:
     else:
         value = rng.uniform(low, high)
     if axis.kind == "int":
-        lo, hi = _bounds(axis)
+        lo, hi = axis_bounds(axis)
         return min(max(round(value), lo), hi)
     # Rounded, then kept inside the bounds the range check saw.
     return min(max(_round(value), low), high)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, tuple):
-        return hidden_label(value) or "[]"
-    return repr(value)
 
 
 def block_size(dims: list[Dim]) -> int:
@@ -539,7 +352,7 @@ def _updates(resolver: Resolver, block: Block, dim: Dim) -> list[tuple[tuple[str
         pairs = []
         for key, value, path in zip(dim.keys, row, where, strict=True):
             if key not in ("dataset", "target", "task"):
-                value = resolver.check_value(block.optimizer, key, value, path)
+                value = resolver.values.check_value(block.optimizer, key, value, path)
             pairs.append((key, value))
         out.append(tuple(pairs))
     return out
