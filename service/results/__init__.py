@@ -6,20 +6,19 @@ as it is in ``mlpq sql`` on SQLite and PostgreSQL. Reads the store; never
 writes it, and knows nothing of grids or the queue.
 """
 
-from service.results.queries import (
-    RANKABLE,
-    experiment_datasets,
-    experiment_progress,
-    leaderboard,
-    leaderboard_sql,
-    loss_curve,
-)
+from service._exports import lazy_exports
 
-__all__ = [
-    "RANKABLE",
-    "experiment_datasets",
-    "experiment_progress",
-    "leaderboard",
-    "leaderboard_sql",
-    "loss_curve",
-]
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "queries": (
+            "RANKABLE",
+            "experiment_datasets",
+            "experiment_progress",
+            "leaderboard",
+            "leaderboard_sql",
+            "loss_curve",
+        ),
+    },
+)
