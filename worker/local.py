@@ -60,6 +60,9 @@ def worker_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     for var in BLAS_THREAD_VARS:
         env[var] = "1"
+    # SIGTERM is Celery's cold shutdown: runs in progress are handed back at once
+    # (worker.handback) instead of holding the worker until they finish.
+    env["REMAP_SIGTERM"] = "SIGQUIT"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -12,10 +12,11 @@ import logging
 from celery import Task
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from service.queue import REAP_TASK, TRAIN_TASK
+from service.queue import REAP_TASK, TRAIN_TASK, publish_runs
 from service.settings import get_settings
+from worker import handback
 from worker.app import app
-from worker.training import execute_run
+from worker.training import HANDED_BACK, execute_run
 
 log = logging.getLogger("mlpq.worker")
 
@@ -32,7 +33,11 @@ def train(self: Task, run_id: object) -> str:
         log.error("train: message dropped: run id must be an integer, got %r", run_id)
         return "dropped"
     try:
-        outcome = execute_run(run_id=run_id, settings=get_settings())
+        with handback.training():
+            outcome = execute_run(run_id=run_id, settings=get_settings())
+            if outcome.status == HANDED_BACK:
+                # The broker restores the unacked message too; a second one is a no-op claim.
+                publish_runs(app, [run_id])
     except (OperationalError, InterfaceError) as exc:
         # The store is unreachable before the claim: acking would lose the run's only
         # message, so it comes back later (a run's own failures never reach here).

@@ -62,6 +62,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
             "queued_published",
             "reap_stale",
             "record_resume",
+            "release_run",
             "requeue_dead_owners",
             "reset_finished",
             "reset_runs",

@@ -104,11 +104,12 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, every: 
 
 
 def worker_env(**settings: object) -> dict[str, str]:
-    """The environment of a worker subprocess: ours plus ``MLPQ_<NAME>`` settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLPQ_")}
+    """The environment of a worker subprocess, as `mlpq worker` sets it, plus ``MLPQ_*`` settings."""
+    from worker.local import worker_environment
+
+    env = {k: v for k, v in worker_environment().items() if not k.startswith("MLPQ_")}
     for key, value in settings.items():
         env[f"MLPQ_{key.upper()}"] = str(value)
-    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
