@@ -8,7 +8,11 @@ moves on within seconds was handed back, not reaped.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,3 +103,131 @@ def _last_step(cluster: Cluster, run_id: int) -> int:
         return conn.execute(
             select(func.coalesce(func.max(metrics.c.step), 0)).where(metrics.c.run_id == run_id)
         ).scalar_one()
+
+
+# --- many workers, one store ---------------------------------------------------------------
+
+#: Short runs of the 200-run grid, and the long ones the test stops and kills workers in.
+SHORT_RUN = {**LONG_RUN, "max_steps": 30}
+LONG_EVERY = 5  # every 5th of the first 100 runs is a LONG_RUN (1,500 steps)
+
+
+class MlpqWorker:
+    """`mlpq worker --concurrency N --hostname NAME@%h`, as a scaled container runs it."""
+
+    def __init__(self, cluster: Cluster, name: str, *, concurrency: int) -> None:
+        from worker_testlib import worker_env
+
+        self.name = name
+        self.log_path = cluster.log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        env = worker_env(**cluster.settings)
+        self.proc = subprocess.Popen(
+            [MLPQ, "worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(p) for p in path.read_text().split()]
+        except OSError:
+            return []
+
+    def claimed(self) -> set[int]:
+        return {int(m) for m in re.findall(r"run (\d+): claimed by", self.log())}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+MLPQ = str(Path(sys.executable).with_name("mlpq"))
+
+
+def _running_long_run(cluster: Cluster, worker: MlpqWorker, ids: list[int]) -> int | None:
+    """A long run one of ``worker``'s processes trains past step 100, if any."""
+    children = {str(pid) for pid in worker.children()}
+    for run_id, row in run_rows(cluster.engine, ids).items():
+        if (
+            row.status == RunStatus.running
+            and row.config["max_steps"] == LONG_RUN["max_steps"]
+            and (row.worker or "").rpartition(":")[2] in children
+            and _last_step(cluster, run_id) > 100
+        ):
+            return run_id
+    return None
+
+
+def test_four_workers_share_a_grid_one_stopped_one_child_killed_every_run_once(
+    cluster: Cluster,
+) -> None:
+    cluster.settings.update(checkpoint_seconds=0.5)
+    configs = [{**(LONG_RUN if i % LONG_EVERY == 0 else SHORT_RUN), "seed": i} for i in range(200)]
+    workers = [MlpqWorker(cluster, f"w{i}", concurrency=2) for i in range(4)]
+    try:
+        for w in workers:
+            wait_for(lambda w=w: "ready." in w.log(), timeout=60, what=f"{w.name} to start")
+        started = time.monotonic()
+        ids = cluster.submit(configs)
+
+        def checkpointed_long_run() -> tuple[MlpqWorker, int] | None:
+            for w in workers:
+                run_id = _running_long_run(cluster, w, ids)
+                if run_id is not None and "checkpoint" in _artifact_kinds(cluster.engine, run_id):
+                    return w, run_id
+            return None
+
+        crashing, killed = wait_for(checkpointed_long_run, timeout=60, what="a checkpoint")
+        owner = run_rows(cluster.engine, [killed])[killed].worker
+        os.kill(int(owner.rpartition(":")[2]), signal.SIGKILL)
+
+        def long_run_elsewhere() -> tuple[MlpqWorker, int] | None:
+            for w in workers:
+                run_id = _running_long_run(cluster, w, ids) if w is not crashing else None
+                if run_id is not None:
+                    return w, run_id
+            return None
+
+        leaving, handed = wait_for(long_run_elsewhere, timeout=60, what="a long run elsewhere")
+        stopped = time.monotonic()
+        leaving.stop()
+        assert f"run {handed}: handed back at step" in leaving.log()
+        # Taken up again within seconds (it is queued with its message back), not after
+        # the stale age: another worker claims it and resumes from the hand-back checkpoint.
+        wait_for(
+            lambda: any(f"run {handed}: resuming from step" in w.log() for w in workers),
+            timeout=15,
+            what="another worker to resume the handed-back run",
+        )
+        resumed_after = time.monotonic() - stopped
+
+        rows = cluster.wait_finished(ids, timeout=STALE_SECONDS - 5)
+        elapsed = time.monotonic() - started
+    finally:
+        for w in workers:
+            w.stop()
+    # Every run succeeded exactly once: one weights artifact, contiguous steps from 1.
+    assert {RunStatus(r.status) for r in rows.values()} == {RunStatus.succeeded}
+    for run_id, config in zip(ids, configs, strict=True):
+        _assert_steps_contiguous(cluster.engine, run_id, config["max_steps"])
+        assert _artifact_kinds(cluster.engine, run_id) == ["weights"]
+    # Spread over all four; the handed-back and the killed run finished on other workers.
+    claims = [w.claimed() for w in workers]
+    assert all(claims), [len(c) for c in claims]
+    assert rows[handed].resumed_from_step > 0 and rows[handed].attempt == 1
+    assert rows[killed].resumed_from_step > 0 and rows[killed].attempt == 2
+    assert rows[killed].worker != owner
+    # Nothing waited for the stale timeout.
+    assert resumed_after < STALE_SECONDS / 4 and elapsed < STALE_SECONDS
