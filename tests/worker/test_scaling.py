@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from test_workers_integration import (
     _loss_series,
     _reference_series,
 )
-from worker_testlib import run_rows, wait_for
+from worker_testlib import MlpqWorker, run_rows, wait_for
 
 from service.store import RunStatus
 
@@ -112,50 +111,6 @@ SHORT_RUN = {**LONG_RUN, "max_steps": 30}
 LONG_EVERY = 5  # every 5th of the first 100 runs is a LONG_RUN (1,500 steps)
 
 
-class MlpqWorker:
-    """`mlpq worker --concurrency N --hostname NAME@%h`, as a scaled container runs it."""
-
-    def __init__(self, cluster: Cluster, name: str, *, concurrency: int) -> None:
-        from worker_testlib import worker_env
-
-        self.name = name
-        self.log_path = cluster.log_dir / f"{name}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        env = worker_env(**cluster.settings)
-        self.proc = subprocess.Popen(
-            [MLPQ, "worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def children(self) -> list[int]:
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        try:
-            return [int(p) for p in path.read_text().split()]
-        except OSError:
-            return []
-
-    def claimed(self) -> set[int]:
-        return {int(m) for m in re.findall(r"run (\d+): claimed by", self.log())}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-MLPQ = str(Path(sys.executable).with_name("mlpq"))
-
-
 def _running_long_run(cluster: Cluster, worker: MlpqWorker, ids: list[int]) -> int | None:
     """A long run one of ``worker``'s processes trains past step 100, if any."""
     children = {str(pid) for pid in worker.children()}
@@ -174,8 +129,13 @@ def test_four_workers_share_a_grid_one_stopped_one_child_killed_every_run_once(
     cluster: Cluster,
 ) -> None:
     cluster.settings.update(checkpoint_seconds=0.5)
-    configs = [{**(LONG_RUN if i % LONG_EVERY == 0 else SHORT_RUN), "seed": i} for i in range(200)]
-    workers = [MlpqWorker(cluster, f"w{i}", concurrency=2) for i in range(4)]
+    configs = [
+        {**(LONG_RUN if i < 100 and i % LONG_EVERY == 0 else SHORT_RUN), "seed": i}
+        for i in range(200)
+    ]
+    workers = [
+        MlpqWorker(cluster.settings, cluster.log_dir, f"w{i}", concurrency=2) for i in range(4)
+    ]
     try:
         for w in workers:
             wait_for(lambda w=w: "ready." in w.log(), timeout=60, what=f"{w.name} to start")
@@ -231,3 +191,53 @@ def test_four_workers_share_a_grid_one_stopped_one_child_killed_every_run_once(
     assert rows[killed].worker != owner
     # Nothing waited for the stale timeout.
     assert resumed_after < STALE_SECONDS / 4 and elapsed < STALE_SECONDS
+
+
+# --- connection budget ---------------------------------------------------------------------
+
+
+def _pg_sockets_by_pid(pids: set[int]) -> dict[int, int]:
+    """Open TCP connections to PostgreSQL's port, per process of ``pids`` (from ``ss -tnp``)."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", "dport", "= :5432"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    counts = dict.fromkeys(pids, 0)
+    for pid_text in re.findall(r"pid=(\d+)", out):
+        if int(pid_text) in counts:
+            counts[int(pid_text)] += 1
+    return counts
+
+
+def test_sixteen_worker_processes_hold_at_most_one_postgresql_connection_each(
+    cluster: Cluster, pg_store_url: str
+) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    worker = MlpqWorker(cluster.settings, cluster.log_dir, "wide", concurrency=16)
+    try:
+        wait_for(lambda: "ready." in worker.log(), timeout=90, what="16 processes to start")
+        ids = cluster.submit([{**SHORT_RUN, "seed": i} for i in range(96)])
+        cluster.wait_finished(ids, timeout=STALE_SECONDS)
+        children = worker.children()
+        assert len(children) == 16
+        per_process = _pg_sockets_by_pid({worker.proc.pid, *children})
+        app_name = make_url(pg_store_url).query["application_name"]
+        with cluster.engine.connect() as conn:
+            in_server = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = :app AND pid <> pg_backend_pid()"
+                ),
+                {"app": app_name},
+            ).scalar_one()
+    finally:
+        worker.stop()
+    assert max(per_process.values()) <= 1, per_process
+    # The runs spread over the processes, each on its one kept connection.
+    assert sum(per_process.values()) >= 8
+    # The server agrees: the worker's 17 processes, plus this test's own engine's pool.
+    assert in_server <= 17 + 1
