@@ -77,6 +77,7 @@ def test_sigterm_hands_running_runs_back_and_another_worker_resumes_them_from_ch
         assert row.resumed_from_step > 0
         assert _artifact_kinds(cluster.engine, run_id) == ["checkpoint"]
     assert exit_seconds < 10, f"the stopping worker took {exit_seconds:.1f}s to exit"
+    print(f"hand-back: SIGTERM to worker exit {exit_seconds:.2f}s")
 
     taker = cluster.start_worker("taker", concurrency=2)
     done = cluster.wait_finished(ids, timeout=STALE_SECONDS - 10)
@@ -172,6 +173,7 @@ def test_four_workers_share_a_grid_one_stopped_one_child_killed_every_run_once(
             what="another worker to resume the handed-back run",
         )
         resumed_after = time.monotonic() - stopped
+        print(f"hand-back: SIGTERM to resumed on another worker {resumed_after:.2f}s")
 
         rows = cluster.wait_finished(ids, timeout=STALE_SECONDS - 5)
         elapsed = time.monotonic() - started
