@@ -73,10 +73,9 @@ def _by_status(row: Mapping[str, Any]) -> str:
 
 def ls() -> None:
     """List experiments: runs finished, runs by status, best results so far."""
-    from service.results import experiment_progress
-    from service.store import get_engine
+    from service.results import experiment_progress, read_engine
 
-    rows = experiment_progress(get_engine())
+    rows = experiment_progress(read_engine())
     console = Console()
     if not rows:
         console.print("no experiments yet (mlpq run GRID, or mlpq submit GRID)")
@@ -107,13 +106,15 @@ def show(
     limit: Annotated[int, typer.Option(min=1, help="Runs to show.")] = 10,
 ) -> None:
     """Show an experiment's runs by status, its best runs, and its failed runs' errors."""
-    from service.results import RANKABLE
-    from service.store import get_engine, get_experiment, session_scope
+    from sqlalchemy.orm import Session
+
+    from service.results import RANKABLE, read_engine
+    from service.store import get_experiment
 
     if by is not None and by not in RANKABLE:
         raise UsageError(f"--by: expected one of {', '.join(RANKABLE)}; got {by!r}")
-    engine = get_engine()
-    with session_scope(engine) as session:
+    engine = read_engine()
+    with Session(engine) as session:
         name = get_experiment(session=session, name=experiment).name
     print_leaderboard(engine, name, by=by, limit=limit)
 

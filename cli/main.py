@@ -25,15 +25,35 @@ def main() -> None:
     """Console-script entry point."""
     from kombu.exceptions import OperationalError as BrokerOperationalError
     from sqlalchemy.exc import OperationalError as DatabaseOperationalError
+    from sqlalchemy.exc import ProgrammingError
 
     try:
         app()
     except MlpqError as exc:
         _fail(str(exc), exc.exit_code)
+    except ProgrammingError as exc:
+        if _unmigrated(exc):
+            _fail("database: the store has no tables yet: run `mlpq db upgrade` once", 2)
+        raise
     except DatabaseOperationalError as exc:
         _fail(f"database: cannot use the store: {_first_line(exc.orig)}", 1)
     except BrokerOperationalError as exc:
         _fail(f"broker: cannot reach the message broker: {_first_line(exc)}", 1)
+
+
+def _unmigrated(exc: BaseException) -> bool:
+    """Whether ``exc`` says a table is missing from a store never migrated (PostgreSQL)."""
+    from sqlalchemy import text
+
+    if type(getattr(exc, "orig", None)).__name__ != "UndefinedTable":
+        return False
+    from service.store import get_engine
+
+    try:
+        with get_engine().connect() as conn:
+            return conn.execute(text("SELECT to_regclass('alembic_version')")).scalar() is None
+    except Exception:
+        return False
 
 
 def _first_line(exc: object) -> str:

@@ -157,6 +157,7 @@ def run(**options: Any) -> None:
     workers. Exit code 0 when the grid finished, whatever its runs' outcomes
     (failed runs are listed with their error); 130 when interrupted.
     """
+    from service.results import read_engine
     from service.settings import get_settings
     from service.store import get_engine
     from worker.local import LocalWorkers
@@ -190,12 +191,13 @@ def run(**options: Any) -> None:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     grace = INTERRUPT_GRACE_SECONDS
     try:
-        _wait(engine, report.experiment_id, workers)
+        reader = read_engine()
+        _wait(reader, report.experiment_id, workers)
         grace = FINISHED_GRACE_SECONDS
         from cli.experiments import print_leaderboard
 
         # Results first: a Celery warm shutdown on the embedded queue takes a few seconds.
-        print_leaderboard(engine, report.experiment, limit=top)
+        print_leaderboard(reader, report.experiment, limit=top)
     except KeyboardInterrupt:
         err_console.print(
             "interrupted: stopping local workers; unfinished runs stay queued "
@@ -249,12 +251,14 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
         TextColumn,
         TimeRemainingColumn,
     )
+    from sqlalchemy.orm import Session
 
     from service.exceptions import MlpqError
-    from service.store import FINISHED, RunStatus, session_scope, status_counts
+    from service.store import FINISHED, RunStatus, status_counts
 
     def counts() -> dict[RunStatus, int]:
-        with session_scope(engine) as session:
+        # A read-only engine: polling never takes the store's write lock from the workers.
+        with Session(engine) as session:
             return status_counts(session=session, experiment_id=experiment_id)
 
     first = counts()

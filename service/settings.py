@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     home: Path = Path(".mlpq")
     # Store URL; None -> sqlite:///<home>/mlpq.db, created and migrated on first use.
     database_url: str | None = None
+    # Store URL for the read-only commands (mlpq sql, ls, show, ...), e.g. a login role
+    # that is a member of mlpq_reader; None -> database_url, read in read-only transactions.
+    read_database_url: str | None = None
+    # Seconds a statement of `mlpq sql` may run (its --timeout overrides it).
+    sql_timeout_seconds: float = Field(30.0, gt=0)
     # Celery broker URL; None -> embedded kombu filesystem:// queue under <home>/queue (no server).
     broker_url: str | None = None
     # Seconds between a running run's heartbeats.
@@ -61,7 +66,7 @@ class Settings(BaseSettings):
     # two more messages to the broker.
     task_events: bool = False
 
-    @field_validator("database_url")
+    @field_validator("database_url", "read_database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
         if value is None:

@@ -12,6 +12,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     globals(),
     {
+        "reader": ("QueryError", "read_engine", "read_query", "reader_url"),
         "queries": (
             "RANKABLE",
             "experiment_datasets",

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import get_settings
+from service.store import sqlite_functions
 
 # Seconds a SQLite writer waits for the lock before "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -32,6 +33,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+    sqlite_functions.register(dbapi_conn)
 
 
 def _sqlite_begin(conn) -> None:
