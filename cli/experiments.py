@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import Engine, text
 
 from service.exceptions import MlpqError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 # Short column headers, so a leaderboard fits an 80-column terminal.
 _LABELS: dict[str, str] = {
@@ -123,6 +125,8 @@ def print_leaderboard(
     engine: Engine, experiment: str, *, by: str | None = None, limit: int = 10
 ) -> None:
     """Runs by status, the top ``limit`` runs by ``by``, and the failed runs' errors."""
+    from sqlalchemy import text
+
     from service.results import experiment_datasets, leaderboard
 
     console = Console()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 import typer
@@ -21,8 +23,29 @@ for module in (submit, runs, experiments, sql):
     module.register(app)
 
 
+def entry() -> None:
+    """Console-script entry point: ``main``, then an exit that skips the interpreter's teardown.
+
+    Tearing down the modules a command imported (SQLAlchemy, Celery, NumPy, ...) takes
+    about 0.2 s, a tenth of a short `mlpq run`. Everything the command wrote is committed
+    or flushed by then; the output streams are flushed here.
+    """
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+    os._exit(code)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """The ``mlpq`` command (raises SystemExit with its exit code)."""
     from kombu.exceptions import OperationalError as BrokerOperationalError
     from sqlalchemy.exc import OperationalError as DatabaseOperationalError
     from sqlalchemy.exc import ProgrammingError

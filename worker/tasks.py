@@ -12,7 +12,7 @@ import logging
 from celery import Task
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from service.queue import REAP_TASK, TRAIN_TASK, publish_runs
+from service.queue import REAP_TASK, TRAIN_TASK
 from service.settings import get_settings
 from worker import handback
 from worker.app import app
@@ -37,6 +37,8 @@ def train(self: Task, run_id: object) -> str:
             outcome = execute_run(run_id=run_id, settings=get_settings())
             if outcome.status == HANDED_BACK:
                 # The broker restores the unacked message too; a second one is a no-op claim.
+                from service.queue import publish_runs
+
                 publish_runs(app, [run_id])
     except (OperationalError, InterfaceError) as exc:
         # The store is unreachable before the claim: acking would lose the run's only

@@ -17,8 +17,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
             "flag",
             "inline_grid",
         ),
+        "keys": ("TIME_LIMIT_KEY",),
         "loader": (
-            "TIME_LIMIT_KEY",
             "Grid",
             "config_hash",
             "expand_grid",

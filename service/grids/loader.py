@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from service.exceptions import GridError
 from service.grids.datasets import CsvFile
+from service.grids.keys import TIME_LIMIT_KEY
 from service.grids.parsed import ParsedGrid, grid_error
 from service.grids.resolve import Resolver, block_configs, block_size
 from service.grids.spec import GridSpec, error_line, hidden_label
@@ -34,8 +35,6 @@ from service.grids.spec import GridSpec, error_line, hidden_label
 #: No submit expands more runs than this, --yes or not (memory and time stay bounded).
 HARD_MAX_RUNS = 1_000_000
 GRID_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
-#: Key of a run's config (beside the TrainConfig keys) holding its time limit in seconds.
-TIME_LIMIT_KEY = "time_limit"
 
 Progress = Callable[[str, int, int], None]
 

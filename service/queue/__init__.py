@@ -12,12 +12,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     globals(),
     {
-        "app": (
-            "QUEUE",
-            "REAP_TASK",
-            "TRAIN_TASK",
-            "make_app",
-        ),
+        "names": ("QUEUE", "REAP_TASK", "TRAIN_TASK"),
+        "app": ("make_app",),
         "enqueue": (
             "SubmitReport",
             "pending_ids",

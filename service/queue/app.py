@@ -9,14 +9,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from service.queue.names import QUEUE, REAP_TASK, TRAIN_TASK
 from service.settings import Settings, get_settings
-
-#: The queue every train message goes to.
-QUEUE = "mlpq"
-#: Name of the train task (``worker.tasks.train``); messages carry only the run id.
-TRAIN_TASK = "mlpq.train"
-#: Name of the periodic stale-run reaper task.
-REAP_TASK = "mlpq.reap_stale"
 
 
 def broker_url(settings: Settings) -> str:

@@ -94,9 +94,12 @@ def test_worker_command_pins_one_blas_thread_per_process_and_uses_every_cpu(tmp_
             timeout=30,
             what="the worker to start",
         )
-        # `mlpq worker` execs celery in place: same pid, environment set before NumPy loads.
+        # `mlpq worker` execs the Celery worker (python -m worker) in place: same pid,
+        # environment set before NumPy loads; a prefork pool of --concurrency processes.
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"celery" in cmdline and b"prefork" in cmdline
+        assert cmdline[1:3] == [b"-m", b"worker"]
+        banner = (tmp_path / "worker.log").read_text()
+        assert f"concurrency: {os.cpu_count()} (prefork)" in banner
         # --concurrency defaults to the CPU count.
         assert cmdline[cmdline.index(b"--concurrency") + 1] == str(os.cpu_count()).encode()
         environ = dict(
