@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     # Hard time limit of one train task in seconds; the broker's visibility timeout is larger.
     task_time_limit: int = Field(6 * 3600, ge=1)
+    # Largest CSV dataset a grid may name (read with this bound, stored in the database).
+    max_csv_bytes: int = Field(64 * 2**20, ge=1)
+    # Largest network a grid may ask for, in weights and biases.
+    max_parameters: int = Field(10_000_000, ge=1)
+    # Largest estimated memory of one run's parameter arrays (x candidates for random walk).
+    max_run_memory_mb: int = Field(2048, ge=1)
     # Grids larger than this need --yes to be submitted.
     max_grid_runs: int = Field(10_000, ge=1)
     # Metric rows buffered by a worker before they are written in one batch.
