@@ -285,6 +285,7 @@ KEY_KINDS: dict[str, tuple[str, bool]] = {
     "adapt_step": ("bool", False),
     "target_acceptance": ("float", False),
     "candidates": ("int", False),
+    "quantize": ("float", False),
     "max_steps": ("int", False),
     "seed": ("int", False),
     "dataset": ("str", False),
@@ -511,6 +512,7 @@ class RandomWalkBlock(_Block):
     adapt_step: BoolAxis | None = None
     target_acceptance: FloatAxis | None = None
     candidates: IntAxis | None = None
+    quantize: FloatAxis | None = None
     iterations: IntAxis | None = None
 
 
