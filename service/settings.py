@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     worker_max_tasks_per_child: int = Field(20_000, ge=1)
     # Seconds between polls of the embedded filesystem queue (kombu's default of 1 s is slow).
     polling_interval: float = Field(0.01, gt=0)
+    # Seconds a running run keeps reconnecting to a store whose connection dropped before
+    # it leaves the run to the stale-run reaper (it is never marked failed for that).
+    store_retry_seconds: float = Field(60.0, gt=0)
     # Seconds a worker told to stop (SIGTERM) lets its runs go on before it hands them back
     # (Celery's worker_soft_shutdown_timeout); 0: checkpoint and hand back at once.
     worker_soft_shutdown_seconds: float = Field(0.0, ge=0)

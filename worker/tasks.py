@@ -12,13 +12,12 @@ import reprlib
 from typing import Any
 
 from celery import Task
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.queue import REAP_TASK, TRAIN_TASK
 from service.settings import get_settings
 from worker import handback
 from worker.app import app
-from worker.training import HANDED_BACK, execute_run
+from worker.training import HANDED_BACK, connection_lost, execute_run
 
 log = logging.getLogger("mlpq.worker")
 
@@ -70,10 +69,12 @@ def train(self: Task, *args: Any, **kwargs: Any) -> str:
                 from service.queue import publish_runs
 
                 publish_runs(app, [run_id])
-    except (OperationalError, InterfaceError) as exc:
+    except Exception as exc:
+        if not connection_lost(exc):
+            raise
         # The store is unreachable before the claim: acking would lose the run's only
         # message, so it comes back later (a run's own failures never reach here).
-        first = str(exc.orig or exc).strip().splitlines()[0]
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         log.warning(
             "run %d: store unreachable (%s); trying again in %ds",
             run_id,

@@ -11,6 +11,7 @@ heartbeat, and per checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -47,6 +48,37 @@ from worker import handback
 
 log = logging.getLogger("mlpq.worker")
 
+
+class StoreLost(Exception):
+    """The store's connection stayed lost past ``MLPQ_STORE_RETRY_SECONDS`` during a run."""
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store's connection broke (not that a statement was wrong).
+
+    A terminated backend, a server restart, a network blip or a busy SQLite file:
+    SQLAlchemy's disconnect flag and operational or interface errors, raised by
+    SQLAlchemy or by the driver directly (the metric COPY goes to psycopg).
+    """
+    from sqlalchemy.exc import InterfaceError, OperationalError, ResourceClosedError
+
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    if isinstance(exc, ResourceClosedError):
+        return True  # our connection, closed after an earlier loss
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
+
+
 #: Outcome of a run handed back to the queue by a stopping worker.
 HANDED_BACK = "handed_back"
 
@@ -69,9 +101,9 @@ def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -
     if conn is not None:
         try:
             claim = _claim(conn, run_id, worker, settings)
-        except DBAPIError as exc:
+        except Exception as exc:
             conn.close()
-            if not exc.connection_invalidated:
+            if not connection_lost(exc):
                 raise
             conn = None  # the kept connection died (a server restart): claim on a fresh one
     if conn is None:
@@ -82,7 +114,7 @@ def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -
             conn.close()
             raise
     try:
-        outcome = _run_claimed(claim, conn, settings)
+        outcome, conn = _run_claimed(claim, conn, settings)
     except BaseException:
         conn.close()
         raise
@@ -90,18 +122,30 @@ def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -
     return outcome
 
 
-def _run_claimed(claim: Claim | Refusal, conn: Connection, settings: Settings) -> Outcome:
+def _run_claimed(
+    claim: Claim | Refusal, conn: Connection, settings: Settings
+) -> tuple[Outcome, Connection]:
+    """What became of the claimed run, and the connection the run ended on."""
     if isinstance(claim, Refusal):
         log.info("run %d: message dropped: %s", claim.run_id, claim.reason)
-        return Outcome(claim.run_id, "dropped", claim.reason)
+        return Outcome(claim.run_id, "dropped", claim.reason), conn
     log.info("run %d: claimed by %s (attempt %d)", claim.run_id, claim.worker, claim.attempt)
     run = _ClaimedRun(claim, settings, conn, autocommit=conn.dialect.name == "postgresql")
     try:
-        return run.train()
+        return run.train(), run.conn
+    except StoreLost as exc:
+        # Not the run's failure: it stays running, its heartbeat goes stale, and the reaper
+        # queues it again to resume from its last checkpoint.
+        log.warning(
+            "run %d: the store stayed unreachable (%s); left for the stale-run reaper",
+            claim.run_id,
+            exc,
+        )
+        return Outcome(claim.run_id, "lost", str(exc)), run.conn
     except Exception:
         error = traceback.format_exc()
         log.error("run %d: failed:\n%s", claim.run_id, error)
-        return run.fail(error)
+        return run.fail(error), run.conn
 
 
 def _claim(conn: Connection, run_id: int, worker: str, settings: Settings) -> Claim | Refusal:
@@ -155,6 +199,8 @@ def _connect(engine: Engine) -> Connection:
 
 
 def _keep(engine: Engine, conn: Connection) -> None:
+    if conn.closed:
+        return
     if conn.invalidated or conn.in_transaction():
         conn.close()
         return
@@ -180,6 +226,7 @@ class _ClaimedRun:
         self.claim = claim
         self.settings = settings
         self.conn = conn
+        self.engine = conn.engine
         self.autocommit = autocommit
         self.buffer: list[dict[str, Any]] = []
         # Whether the run may have artifacts to replace: a checkpoint of this or an earlier attempt.
@@ -237,20 +284,26 @@ class _ClaimedRun:
         result = trainer.result()
         if status is None:
             status, stop_reason = RunStatus(result.outcome), result.stop_reason
-        with _one_write(self.conn):
-            owned = finish_run(
-                session=self.conn,
-                run_id=claim.run_id,
-                worker=claim.worker,
-                attempt=claim.attempt,
-                status=status,
-                records=self.buffer,
-                weights=result.weights,
-                weight_shapes=result.shapes,
-                summary=result.summary,
-                stop_reason=stop_reason,
-                has_artifacts=self.has_artifacts,
-            )
+
+        def finish() -> bool:
+            with _one_write(self.conn):
+                return finish_run(
+                    session=self.conn,
+                    run_id=claim.run_id,
+                    worker=claim.worker,
+                    attempt=claim.attempt,
+                    status=status,
+                    records=self.buffer,
+                    weights=result.weights,
+                    weight_shapes=result.shapes,
+                    summary=result.summary,
+                    stop_reason=stop_reason,
+                    has_artifacts=self.has_artifacts,
+                )
+
+        owned = self._retrying("final write", finish)
+        if not owned and self._finished_by_us(status):
+            owned = True  # an earlier try committed; only its reply was lost with the connection
         if not owned:
             log.warning("run %d: finished but no longer ours; result discarded", claim.run_id)
             return Outcome(claim.run_id, "lost")
@@ -313,7 +366,56 @@ class _ClaimedRun:
             if self.autocommit:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
 
+    def _retrying(self, what: str, write: Callable[[], Any]) -> Any:
+        """``write()``, again on a new connection while the store's connection is lost.
+
+        Every write of a run is safe to repeat: metric rows keep their first value, a
+        checkpoint replaces the last, and the final write and the heartbeat are guarded
+        by the claim. Waits grow from 0.1 s to 5 s; after ``MLPQ_STORE_RETRY_SECONDS``
+        the last error is raised (``StoreLost``: the run is left to the reaper).
+        """
+        deadline = time.monotonic() + self.settings.store_retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                if self.conn.closed:  # the last reconnection found the store still down
+                    self.conn = _connect(self.engine)
+                return write()
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StoreLost(f"{what}: {_first_line(exc)}") from exc
+                log.warning(
+                    "run %d: store connection lost during the %s (%s); reconnecting in %.1fs",
+                    self.claim.run_id,
+                    what,
+                    _first_line(exc),
+                    delay,
+                )
+                with contextlib.suppress(Exception):
+                    self.conn.close()
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _finished_by_us(self, status: RunStatus) -> bool:
+        """Whether the run is already final with this claim's attempt (a write whose reply
+        was lost)."""
+        from sqlalchemy import select
+
+        from service.store import Run
+
+        row = self.conn.execute(
+            select(Run.status, Run.attempt).where(Run.id == self.claim.run_id)
+        ).first()
+        if self.conn.in_transaction():
+            self.conn.rollback()
+        return row is not None and row.status == status and row.attempt == self.claim.attempt
+
     def _resume(self) -> bytes | None:
+        return self._retrying("resume", self._resume_once)
+
+    def _resume_once(self) -> bytes | None:
         claim = self.claim
         with self.transaction():
             resume = prepare_resume(session=self.conn, run_id=claim.run_id)
@@ -328,6 +430,9 @@ class _ClaimedRun:
         return resume.checkpoint
 
     def _save(self, checkpoint: bytes | None, step: int) -> Beat:
+        return self._retrying("progress write", lambda: self._save_once(checkpoint, step))
+
+    def _save_once(self, checkpoint: bytes | None, step: int) -> Beat:
         claim = self.claim
         with self.transaction():
             beat = save_progress(
