@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 
 from celery import Celery, bootsteps
 
@@ -29,7 +30,15 @@ def reap_interval(settings: Settings) -> float:
 def reap_once(app: Celery, settings: Settings | None = None) -> list[int]:
     """Settle stale runs and (re)publish them and long-unsent queued runs; returns the ids sent."""
     from service.queue import publish_runs
-    from service.store import get_engine, orphans, reap_stale, requeue_dead_owners, session_scope
+    from service.store import (
+        get_engine,
+        orphans,
+        queued_published,
+        reap_stale,
+        requeue_dead_owners,
+        session_scope,
+        utcnow,
+    )
 
     settings = settings or get_settings()
     engine = get_engine(settings.database_url)
@@ -41,7 +50,13 @@ def reap_once(app: Celery, settings: Settings | None = None) -> list[int]:
         )
         dead = requeue_dead_owners(session=session)
         unsent = orphans(session=session, older_than=settings.stale_seconds)
-    ids = sorted(set(result.requeued) | set(dead) | set(unsent))
+        lost: list[int] = []
+        if _broker_queue_empty(app):
+            # Queued runs whose message is nowhere: the broker lost it (a restart without
+            # its last writes, a message in flight). Sent again; a duplicate is a no-op claim.
+            cutoff = utcnow() - timedelta(seconds=settings.stale_seconds)
+            lost = queued_published(session=session, created_before=cutoff)
+    ids = sorted(set(result.requeued) | set(dead) | set(unsent) | set(lost))
     if ids:
         publish_runs(app, ids, engine=engine)
     if ids or result.failed or result.cancelled:
@@ -53,6 +68,27 @@ def reap_once(app: Celery, settings: Settings | None = None) -> list[int]:
             result.cancelled,
         )
     return ids
+
+
+def _broker_queue_empty(app: Celery) -> bool:
+    """Whether the train queue holds no message (False when the broker cannot tell)."""
+    from amqp.exceptions import NotFound
+    from kombu.exceptions import ChannelError
+
+    from service.queue import QUEUE
+
+    try:
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            size = getattr(channel, "_size", None)  # kombu's virtual transports: Redis, files
+            if size is not None:
+                return size(QUEUE) == 0
+            declared = channel.queue_declare(queue=QUEUE, passive=True)
+            return declared.message_count == 0
+    except (ChannelError, NotFound):
+        return True  # no such queue yet (Redis drops an empty list): nothing in it
+    except Exception:
+        return False
 
 
 class Reaper(bootsteps.StartStopStep):

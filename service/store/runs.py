@@ -840,13 +840,18 @@ def mark_unsent(*, session: Session | Connection, experiment_id: int) -> int:
     ).rowcount
 
 
-def queued_published(*, session: Session) -> list[int]:
-    """Ids of queued runs whose message was handed to the broker (and not yet claimed)."""
-    return list(
-        session.execute(
-            select(Run.id).where(Run.status == RunStatus.queued, Run.published).order_by(Run.id)
-        ).scalars()
-    )
+def queued_published(
+    *, session: Session | Connection, created_before: datetime | None = None
+) -> list[int]:
+    """Ids of queued runs whose message was handed to the broker (and not yet claimed).
+
+    ``created_before``: only runs stored before then (a message just published may be
+    in a worker's hands, between the broker and the claim).
+    """
+    query = select(Run.id).where(Run.status == RunStatus.queued, Run.published)
+    if created_before is not None:
+        query = query.where(Run.created_at < created_before)
+    return list(session.execute(query.order_by(Run.id)).scalars())
 
 
 def _aware(value: datetime | None) -> datetime | None:

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -420,3 +421,26 @@ def test_message_waits_while_the_store_is_unreachable_and_the_run_trains_once_it
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+def test_a_queued_run_whose_message_the_broker_lost_is_sent_again_by_the_reaper(
+    cluster: Cluster,
+) -> None:
+    from sqlalchemy import update
+
+    from service.store import Run, utcnow
+
+    ids = add_runs(cluster.engine, [TINY_BACKPROP, {**TINY_BACKPROP, "seed": 1}])
+    # Stored and marked published, but no message ever reached the queue (as after a
+    # broker restart that lost its last writes), a while ago.
+    with cluster.engine.begin() as conn:
+        conn.execute(
+            update(Run)
+            .where(Run.id.in_(ids))
+            .values(published=True, created_at=utcnow() - timedelta(seconds=30))
+        )
+    worker = cluster.start_worker("w1")
+    rows = cluster.wait_finished(ids, timeout=30)
+    assert {RunStatus(r.status) for r in rows.values()} == {RunStatus.succeeded}
+    assert all(r.attempt == 1 for r in rows.values())
+    assert f"reaper: re-enqueued 2 run(s) {ids}" in worker.log()
