@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from cli import db, experiments, runs, sql, submit
+from cli import db, experiments, results, runs, sql, submit
 from service.exceptions import MlpqError
 
 app = typer.Typer(
@@ -17,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db.app, name="db")
-for module in (submit, runs, experiments, sql):
+for module in (submit, runs, experiments, results, sql):
     module.register(app)
 
 

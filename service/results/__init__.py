@@ -7,18 +7,26 @@ writes it, and knows nothing of grids or the queue.
 """
 
 from service.results.queries import (
+    GROUPABLE,
     RANKABLE,
+    dataset_labels,
     experiment_datasets,
     experiment_progress,
+    group_leaderboard,
+    group_leaderboard_sql,
     leaderboard,
     leaderboard_sql,
     loss_curve,
 )
 
 __all__ = [
+    "GROUPABLE",
     "RANKABLE",
+    "dataset_labels",
     "experiment_datasets",
     "experiment_progress",
+    "group_leaderboard",
+    "group_leaderboard_sql",
     "leaderboard",
     "leaderboard_sql",
     "loss_curve",
