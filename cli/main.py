@@ -11,7 +11,8 @@ from service.exceptions import MlpqError
 
 app = typer.Typer(
     name="mlpq",
-    help="Submit grids of MLP training runs, train them on Celery workers, query results in SQL.",
+    help="Submit grids of MLP training runs, train them on Celery workers, query results in SQL. "
+    "Example: $ mlpq run examples/quickstart.yaml",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

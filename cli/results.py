@@ -375,16 +375,9 @@ def top(
                 f"{r['mean']:.4g}{spread}",
             )
     else:
-        shown = _varying(rows, _PARAMS, ("dataset", "optimizer"))
-        for c in ("run", *shown, "status", metric):
-            table.add_column(_label(c), no_wrap=c != metric)
-        for r in rows:
-            table.add_row(
-                str(r["run_id"]),
-                *(dataset_label(r[c], labels) if c == "dataset" else fmt(r[c]) for c in shown),
-                Text(r["status"], style=_STATUS_STYLE.get(r["status"], "")),
-                fmt(r[metric]),
-            )
+        from cli.experiments import leaderboard_table
+
+        table = leaderboard_table(rows, metric, table.title, labels, dataset=True)
     out.print(table)
 
 

@@ -47,6 +47,10 @@ def worker(
 
     Uses MLPQ_BROKER_URL and MLPQ_DATABASE_URL. Each worker process uses one BLAS
     thread; stale runs of dead workers are re-enqueued by every worker.
+
+    Example:
+
+        $ mlpq worker --concurrency 2
     """
     from service.settings import get_settings
     from worker.local import exec_worker
@@ -64,6 +68,10 @@ def cancel(
     """Cancel an experiment: queued runs never start; running runs stop at their next heartbeat.
 
     Cancelled runs keep the metrics written so far.
+
+    Example:
+
+        $ mlpq cancel quickstart
     """
     from service.store import cancel_experiment, get_experiment, session_scope
 
@@ -104,6 +112,10 @@ def retry(
     A stale run is one whose heartbeat is older than MLPQ_STALE_SECONDS: its
     worker died and its message may be lost. Running workers do this on their
     own every few seconds; --stale does it now.
+
+    Example:
+
+        $ mlpq retry quickstart --stale
     """
     from service.queue import make_app, publish_pending
     from service.settings import get_settings
@@ -156,6 +168,10 @@ def run(**options: Any) -> None:
     Waits until every run of the experiment is finished, then stops the local
     workers. Exit code 0 when the grid finished, whatever its runs' outcomes
     (failed runs are listed with their error); 130 when interrupted.
+
+    Example:
+
+        $ mlpq run examples/quickstart.yaml
     """
     from service.settings import get_settings
     from service.store import get_engine

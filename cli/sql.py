@@ -33,7 +33,12 @@ def sql(
 ) -> None:
     """Run one SQL statement against the store and print its rows.
 
-    Tables: experiments, runs, metrics, artifacts, datasets; view: run_summary.
+    Tables: experiments, runs, metrics, artifacts, datasets; views: run_summary,
+    experiment_progress, run_groups.
+
+    Example:
+
+        $ mlpq sql "SELECT optimizer, AVG(best_val_accuracy) FROM run_summary GROUP BY 1"
     """
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
