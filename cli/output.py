@@ -94,3 +94,28 @@ def sparkline(values: list[float | None], width: int, low: float, high: float) -
         level = 0 if span <= 0 else round((v - low) / span * (len(_BARS) - 1))
         cells.append(_BARS[max(0, min(len(_BARS) - 1, level))])
     return "".join(cells)
+
+
+class PlainProgress:
+    """Progress for logs: without a terminal, one plain line every ``every`` seconds.
+
+    ``update(done, total, detail)`` is cheap to call on every poll; it prints
+    ``12/48 runs finished, 3 running, 1.9 runs/s`` (to stderr) when the last
+    line is ``every`` seconds old. On a terminal it prints nothing (the rich
+    bar is shown instead).
+    """
+
+    def __init__(self, *, enabled: bool, every: float = 5.0) -> None:
+        import time
+
+        self.enabled = enabled
+        self.every = every
+        self._clock = time.monotonic
+        self._last = self._clock()
+
+    def update(self, done: int, total: int, detail: str) -> None:
+        now = self._clock()
+        if not self.enabled or now - self._last < self.every:
+            return
+        self._last = now
+        print(f"{done}/{total} runs finished, {detail}", file=sys.stderr, flush=True)

@@ -286,6 +286,11 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
         console=err_console,
         disable=not err_console.is_terminal,
     )
+    from rich.text import Text
+
+    from cli.output import PlainProgress
+
+    plain = PlainProgress(enabled=progress.disable)
     with progress:
         task = progress.add_task("runs", total=total, completed=done_at_start, detail="")
         current = first
@@ -300,6 +305,7 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
             parts.append(f"{rate:.1f} runs/s")
             detail = ", ".join(parts)
             progress.update(task, completed=done, total=sum(current.values()), detail=detail)
+            plain.update(done, sum(current.values()), Text.from_markup(detail).plain)
             if done == sum(current.values()):
                 break
             if workers is not None and not workers.alive():
