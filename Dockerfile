@@ -16,7 +16,7 @@ COPY service ./service
 COPY worker ./worker
 COPY cli ./cli
 COPY migrations ./migrations
-RUN pip install . \
+RUN pip install ".[monitoring]" \
     && useradd --create-home --uid 1000 mlpq
 USER mlpq
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import Engine, text
 
 from cli.output import console, dataset_label, print_json
 from service.exceptions import MlpqError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 # Short column headers, so a leaderboard fits an 80-column terminal.
 _LABELS: dict[str, str] = {
@@ -79,10 +81,9 @@ def ls(
 
         $ mlpq ls --json
     """
-    from service.results import experiment_progress
-    from service.store import get_engine
+    from service.results import experiment_progress, read_engine
 
-    rows = experiment_progress(get_engine())
+    rows = experiment_progress(read_engine())
     if as_json:
         print_json(rows)
         return
@@ -126,13 +127,15 @@ def show(
 
         $ mlpq show quickstart --by best_val_loss
     """
-    from service.results import RANKABLE
-    from service.store import get_engine, get_experiment, session_scope
+    from sqlalchemy.orm import Session
+
+    from service.results import RANKABLE, read_engine
+    from service.store import get_experiment
 
     if by is not None and by not in RANKABLE:
         raise UsageError(f"--by: expected one of {', '.join(RANKABLE)}; got {by!r}")
-    engine = get_engine()
-    with session_scope(engine) as session:
+    engine = read_engine()
+    with Session(engine) as session:
         name = get_experiment(session=session, name=experiment).name
     print_leaderboard(engine, name, by=by, limit=limit, include_diverged=include_diverged)
 
@@ -150,6 +153,8 @@ def print_leaderboard(
     Diverged runs are ranked only with ``include_diverged``: their best score
     may predate the blow-up.
     """
+    from sqlalchemy import text
+
     from service.results import dataset_labels, experiment_datasets, leaderboard
 
     out = console()

@@ -34,12 +34,14 @@ _JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of a tab
 
 def _engine_and_experiment(name: str | None) -> tuple[Any, Any]:
     from sqlalchemy import select
+    from sqlalchemy.orm import Session
 
     from service.exceptions import NotFoundError
-    from service.store import Experiment, get_engine, get_experiment, session_scope
+    from service.results import read_engine
+    from service.store import Experiment, get_experiment
 
-    engine = get_engine()
-    with session_scope(engine) as session:
+    engine = read_engine()
+    with Session(engine) as session:
         if name is None:
             exp = session.scalar(select(Experiment).order_by(Experiment.id.desc()).limit(1))
             if exp is None:
@@ -219,11 +221,10 @@ def info(
 
         $ mlpq info 42
     """
-    from service.results import dataset_labels
+    from service.results import dataset_labels, read_engine
     from service.results.runs import run_page
-    from service.store import get_engine
 
-    engine = get_engine()
+    engine = read_engine()
     page = run_page(engine, run_id)
     if as_json:
         print_json(page)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import signal
 import sys
 import time
@@ -24,11 +25,10 @@ console = Console()
 err_console = Console(stderr=True)
 
 # Seconds between two looks at the store while `mlpq run` waits.
-POLL_SECONDS = 0.25
-# Seconds local workers get to finish their current runs after a Ctrl-C.
+POLL_SECONDS = 0.1
+# Seconds local workers get to hand back their runs in progress (or finish the last ones
+# of other experiments) when `mlpq run` stops them with work pending.
 INTERRUPT_GRACE_SECONDS = 10.0
-# Seconds idle local workers get for Celery's warm shutdown once the grid is done.
-FINISHED_GRACE_SECONDS = 60.0
 
 
 def worker(
@@ -173,58 +173,106 @@ def run(**options: Any) -> None:
 
         $ mlpq run examples/quickstart.yaml
     """
+    from service.exceptions import GridError
+    from service.results import read_engine
     from service.settings import get_settings
     from service.store import get_engine
-    from worker.local import LocalWorkers
 
     concurrency = options.pop("concurrency") or os.cpu_count() or 1
     local = options.pop("local_workers")
     top = options.pop("top")
-    settings = get_settings()
-    report = submit_command(**options)
-    if report is None:  # --dry-run
+    if options["dry_run"]:
+        submit_command(**options)
         return
-    engine = get_engine()
-    if settings.embedded_broker:
-        _recover_embedded_queue(engine)
-    workers = None
-    if local:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        workers = LocalWorkers(
-            concurrency=concurrency, log_path=settings.home / "logs" / f"worker-{stamp}.log"
-        )
-        err_console.print(
-            f"{concurrency} local worker process(es); log: {workers.log_path}", highlight=False
-        )
-    elif settings.embedded_broker:
-        err_console.print(
-            "--no-local-workers with the embedded queue: runs start only when `mlpq worker` "
-            "runs on this machine with the same MLPQ_HOME",
-            highlight=False,
-        )
+    settings = get_settings()
+    if settings.embedded_broker and not _new_embedded_store(settings):
+        # Before any worker consumes: what a stopped local worker took with it is re-sent.
+        _recover_embedded_queue(get_engine())
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the workers are stopped below.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    grace = INTERRUPT_GRACE_SECONDS
+    # The workers start first: their second of start-up overlaps creating the store and
+    # submitting (the store's migration takes a lock; whoever comes second finds it done).
+    home_existed = settings.home.exists()
+    workers = _start_local_workers(concurrency, settings) if local else None
+    reader: Engine | None = None
     try:
-        _wait(engine, report.experiment_id, workers)
-        grace = FINISHED_GRACE_SECONDS
+        try:
+            report = submit_command(**options)
+        except GridError:
+            # A refused grid leaves nothing behind (nothing was stored): the workers
+            # started for it go at once, with the folder they made if it is new.
+            if workers is not None:
+                workers.kill()
+                workers = None
+            if not home_existed:
+                shutil.rmtree(settings.home, ignore_errors=True)
+            raise
+        reader = read_engine()
+        if workers is not None:  # said once the grid is accepted: a bad grid gets one line
+            err_console.print(
+                f"{concurrency} local worker process(es); log: {workers.log_path}",
+                highlight=False,
+            )
+        if not local and settings.embedded_broker:
+            err_console.print(
+                "--no-local-workers with the embedded queue: runs start only when "
+                "`mlpq worker` runs on this machine with the same MLPQ_HOME",
+                highlight=False,
+            )
+        _wait(reader, report.experiment_id, workers)
+        if workers is not None:
+            _stop_local_workers(workers, reader)  # before the results: nothing is left to wait for
         from cli.experiments import print_leaderboard
 
-        # Results first: a Celery warm shutdown on the embedded queue takes a few seconds.
-        print_leaderboard(engine, report.experiment, limit=top)
+        print_leaderboard(reader, report.experiment, limit=top)
     except KeyboardInterrupt:
         err_console.print(
-            "interrupted: stopping local workers; unfinished runs stay queued "
-            "(`mlpq run` again or `mlpq worker` resumes them)",
+            "interrupted: stopping local workers; runs in progress are handed back and stay "
+            "queued (`mlpq run` again or `mlpq worker` resumes them)",
             highlight=False,
         )
         raise typer.Exit(code=130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         if workers is not None:
-            # Runs in progress get a grace period to finish (the rest are resumed later).
-            with err_console.status("stopping local workers"):
-                workers.stop(timeout=grace)
+            _stop_local_workers(workers, reader or read_engine())
+
+
+def _new_embedded_store(settings: Any) -> bool:
+    """Whether the store is a SQLite file that does not exist yet (nothing to recover)."""
+    url = str(settings.database_url)
+    if not url.startswith("sqlite:///"):
+        return False
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return bool(path) and not os.path.exists(path)
+
+
+def _start_local_workers(concurrency: int, settings: Any) -> LocalWorkers:
+    from worker.local import LocalWorkers
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return LocalWorkers(
+        concurrency=concurrency, log_path=settings.home / "logs" / f"worker-{stamp}.log"
+    )
+
+
+def _stop_local_workers(workers: LocalWorkers, reader: Engine) -> None:
+    """Stop at once when the store has nothing queued or running; else hand runs back."""
+    from sqlalchemy import text
+
+    try:
+        with reader.connect() as conn:
+            pending = conn.execute(
+                text("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
+            ).scalar_one()
+    except Exception:
+        pending = 1  # cannot tell: take the careful way
+    if not pending:
+        # No run in flight and none to take: nothing to hand back or to restore.
+        workers.kill()
+        return
+    with err_console.status("stopping local workers (handing back runs in progress)"):
+        workers.stop(timeout=INTERRUPT_GRACE_SECONDS)
 
 
 def _raise_interrupt(_signum: int, _frame: object) -> None:
@@ -265,12 +313,14 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
         TextColumn,
         TimeRemainingColumn,
     )
+    from sqlalchemy.orm import Session
 
     from service.exceptions import MlpqError
-    from service.store import FINISHED, RunStatus, session_scope, status_counts
+    from service.store import FINISHED, RunStatus, status_counts
 
     def counts() -> dict[RunStatus, int]:
-        with session_scope(engine) as session:
+        # A read-only engine: polling never takes the store's write lock from the workers.
+        with Session(engine) as session:
             return status_counts(session=session, experiment_id=experiment_id)
 
     first = counts()

@@ -49,6 +49,7 @@ INLINE_KEYS: tuple[str, ...] = (
     "adapt_step",
     "target_acceptance",
     "candidates",
+    "quantize",
 )
 #: Inline options that say how to build the grid rather than set a key.
 EXTRA_KEYS: tuple[str, ...] = ("optimizer", "seeds", "seed", "target", "task")
@@ -128,6 +129,7 @@ def submit(
     adapt_step: Opt = None,
     target_acceptance: Opt = None,
     candidates: Opt = None,
+    quantize: Opt = None,
     dtype: Opt = None,
     val_fraction: Opt = None,
     log_every: Opt = None,
@@ -161,6 +163,7 @@ def submit(
             yes=yes,
             progress=bar,
         )
+        _warn_no_gradient(grid)
         if dry_run:
             bar.stop()
             _show_dry_run(grid, limit=limit)
@@ -205,6 +208,26 @@ def _read_grid(
         max_runs=max_runs,
         yes=yes,
         progress=progress,
+    )
+
+
+def _warn_no_gradient(grid: Grid) -> None:
+    """One line when backprop runs use an activation with no gradient (on purpose or not)."""
+    from engine import NO_GRADIENT
+
+    hit = [
+        i
+        for i, run in enumerate(grid.runs, 1)
+        if run.config["optimizer"] == "backprop" and run.config.get("activation") in NO_GRADIENT
+    ]
+    if not hit:
+        return
+    shown = ", ".join(map(str, hit[:10])) + (f", ... ({len(hit)} in all)" if len(hit) > 10 else "")
+    Console(stderr=True).print(
+        f"warning: backprop with {'/'.join(sorted(NO_GRADIENT))}: the gradient through those "
+        f"layers is zero, so only the output layer trains (grid runs {shown})",
+        highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -7,7 +7,7 @@ datasets). Nothing here knows about Celery, SQL or the CLI.
 from engine.config import OPTIMIZER_PARAMS, OPTIMIZERS, TrainConfig
 from engine.datasets import DATASETS, Dataset, csv_name, load_dataset
 from engine.errors import ConfigError
-from engine.functions import ACTIVATIONS, DERIVATIVES, LOSS_FUNCTIONS
+from engine.functions import ACTIVATIONS, DERIVATIVES, LOSS_FUNCTIONS, NO_GRADIENT
 from engine.trainer import Trainer, TrainResult, load_weights
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "DATASETS",
     "DERIVATIVES",
     "LOSS_FUNCTIONS",
+    "NO_GRADIENT",
     "OPTIMIZERS",
     "OPTIMIZER_PARAMS",
     "ConfigError",

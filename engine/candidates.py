@@ -139,17 +139,24 @@ class Candidates:
         rng: np.random.Generator,
         *,
         same_center: bool = False,
+        quantize: float = 0.0,
     ) -> None:
         """Make the K candidates ``theta + sigma * eps``, ``eps ~ N(0, I)`` drawn from ``rng``.
 
         ``same_center``: ``theta`` holds the same values as at the last ``propose``
-        (a rejected step), so its layout for the candidates is reused.
+        (a rejected step), so its layout for the candidates is reused. ``quantize``:
+        every candidate weight and bias is rounded to the nearest multiple of it.
         """
         self._normal.fill(rng, self.flat, sigma)
         if not same_center:
             self._set_base(theta)
         for block, noise, base in zip(self.blocks, self._noise, self._base, strict=True):
-            np.add(noise, base, out=block[:, : base.shape[0]])
+            params = block[:, : base.shape[0]]
+            np.add(noise, base, out=params)
+            if quantize:
+                params *= 1.0 / quantize
+                np.round(params, out=params)
+                params *= quantize
 
     def set_first(self, theta: np.ndarray) -> None:
         """Make candidate 0 exactly ``theta`` (to score a single point with ``losses(1)``)."""

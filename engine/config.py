@@ -63,6 +63,7 @@ class TrainConfig:
     adapt_step: bool = False  # adapt sigma toward target_acceptance
     target_acceptance: float = 0.25  # acceptance rate the adaptation aims for
     candidates: int = 1  # proposals per iteration, evaluated in one batched pass
+    quantize: float = 0.0  # round every proposal's weights to multiples of this; 0 = off
 
     def __post_init__(self) -> None:
         for name, value in _validated(self).items():
@@ -108,6 +109,7 @@ OPTIMIZER_PARAMS: dict[str, tuple[str, ...]] = {
         "adapt_step",
         "target_acceptance",
         "candidates",
+        "quantize",
     ),
 }
 #: The optimizer a key belongs to; common keys are absent.
@@ -233,6 +235,7 @@ _CHECKS: dict[str, Check] = {
     "adapt_step": _boolean,
     "target_acceptance": _ranged(_number, 0, 1, lo_open=True, hi_open=True),
     "candidates": _ranged(_integer, 1),
+    "quantize": _non_negative,
 }
 
 

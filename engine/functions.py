@@ -79,6 +79,16 @@ def inplace_sigmoid(Z: np.ndarray) -> None:
     Z *= 0.5
 
 
+def inplace_step(Z: np.ndarray) -> None:
+    """Heaviside step, 1 where ``z > 0`` and 0 elsewhere, in place."""
+    np.heaviside(Z, 0.0, out=Z)
+
+
+def inplace_sign(Z: np.ndarray) -> None:
+    """Sign, +1 where ``z >= 0`` and -1 elsewhere, in place (never 0)."""
+    np.copysign(1.0, Z, out=Z)
+
+
 def inplace_logistic(Z: np.ndarray) -> None:
     """Logistic sigmoid ``1 / (1 + exp(-z))`` of the output layer, in place.
 
@@ -111,7 +121,11 @@ def inplace_softmax(Z: np.ndarray) -> None:
 
 #: Hidden activations with ``f(1) == 1``: a column of ones (the next layer's bias
 #: input) passes through them unchanged, so it need not be written again.
-KEEP_ONES = frozenset({"relu", "leaky_relu", "identity"})
+KEEP_ONES = frozenset({"relu", "leaky_relu", "identity", "step", "sign"})
+
+#: Hidden activations whose derivative is zero wherever it exists: backprop through
+#: them trains only the output layer (the chain rule gives the hidden layers nothing).
+NO_GRADIENT = frozenset({"step", "sign"})
 
 ACTIVATIONS: dict[str, Callable[[np.ndarray], None]] = {
     "relu": inplace_relu,
@@ -119,6 +133,8 @@ ACTIVATIONS: dict[str, Callable[[np.ndarray], None]] = {
     "tanh": inplace_tanh,
     "sigmoid": inplace_sigmoid,
     "identity": inplace_identity,
+    "step": inplace_step,
+    "sign": inplace_sign,
 }
 
 
@@ -150,12 +166,19 @@ def inplace_sigmoid_derivative(Z: np.ndarray, delta: np.ndarray) -> None:
     delta *= 1 - Z
 
 
+def inplace_zero_derivative(Z: np.ndarray, delta: np.ndarray) -> None:
+    """Step and sign: the derivative is 0 wherever it exists, so ``delta`` becomes 0."""
+    delta.fill(0)
+
+
 DERIVATIVES: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
     "relu": inplace_relu_derivative,
     "leaky_relu": inplace_leaky_relu_derivative,
     "tanh": inplace_tanh_derivative,
     "sigmoid": inplace_sigmoid_derivative,
     "identity": inplace_identity_derivative,
+    "step": inplace_zero_derivative,
+    "sign": inplace_zero_derivative,
 }
 
 

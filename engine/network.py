@@ -36,6 +36,9 @@ AUTO_INIT = {
     "tanh": "xavier",
     "sigmoid": "xavier",
     "identity": "xavier",
+    # Symmetric around 0 like tanh, which they are the hard-threshold limits of.
+    "step": "xavier",
+    "sign": "xavier",
 }
 
 

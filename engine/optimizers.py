@@ -332,7 +332,13 @@ class RandomWalkOptimizer(Optimizer):
         sigma = self.sigma
         temperature = cfg.temperature * cfg.cooling**t
         cands = self._cands
-        cands.propose(self.theta, sigma, self.rng, same_center=self._proposed == self.version)
+        cands.propose(
+            self.theta,
+            sigma,
+            self.rng,
+            same_center=self._proposed == self.version,
+            quantize=cfg.quantize,
+        )
         self._proposed = self.version
         losses = cands.losses()
         k = cands.best  # the lowest loss (NaN counts as +inf)

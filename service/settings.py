@@ -8,18 +8,19 @@ and ``MLPQ_BROKER_URL`` at Redis to run a cluster.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from service.exceptions import SettingsError
 
 DATABASE_SCHEMES = ("sqlite", "postgresql")
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp", "filesystem")
+# scheme[+driver]://rest, read without SQLAlchemy (importing it costs every command 0.1 s).
+_DATABASE_URL = re.compile(r"(?P<backend>[A-Za-z][\w.-]*)(?:\+(?P<driver>[\w.-]+))?://")
 
 
 class Settings(BaseSettings):
@@ -29,6 +30,11 @@ class Settings(BaseSettings):
     home: Path = Path(".mlpq")
     # Store URL; None -> sqlite:///<home>/mlpq.db, created and migrated on first use.
     database_url: str | None = None
+    # Store URL for the read-only commands (mlpq sql, ls, show, ...), e.g. a login role
+    # that is a member of mlpq_reader; None -> database_url, read in read-only transactions.
+    read_database_url: str | None = None
+    # Seconds a statement of `mlpq sql` may run (its --timeout overrides it).
+    sql_timeout_seconds: float = Field(30.0, gt=0)
     # Celery broker URL; None -> embedded kombu filesystem:// queue under <home>/queue (no server).
     broker_url: str | None = None
     # Seconds between a running run's heartbeats.
@@ -41,6 +47,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     # Hard time limit of one train task in seconds; the broker's visibility timeout is larger.
     task_time_limit: int = Field(6 * 3600, ge=1)
+    # Largest CSV dataset a grid may name (read with this bound, stored in the database).
+    max_csv_bytes: int = Field(64 * 2**20, ge=1)
+    # Largest network a grid may ask for, in weights and biases.
+    max_parameters: int = Field(10_000_000, ge=1)
+    # Largest estimated memory of one run's parameter arrays (x candidates for random walk).
+    max_run_memory_mb: int = Field(2048, ge=1)
     # Grids larger than this need --yes to be submitted.
     max_grid_runs: int = Field(10_000, ge=1)
     # Metric rows buffered by a worker before they are written in one batch.
@@ -54,22 +66,24 @@ class Settings(BaseSettings):
     worker_max_tasks_per_child: int = Field(20_000, ge=1)
     # Seconds between polls of the embedded filesystem queue (kombu's default of 1 s is slow).
     polling_interval: float = Field(0.01, gt=0)
+    # Seconds a worker told to stop (SIGTERM) lets its runs go on before it hands them back
+    # (Celery's worker_soft_shutdown_timeout); 0: checkpoint and hand back at once.
+    worker_soft_shutdown_seconds: float = Field(0.0, ge=0)
+    # Celery task events (for Flower's task views): off by default, they cost every task
+    # two more messages to the broker.
+    task_events: bool = False
 
-    @field_validator("database_url")
+    @field_validator("database_url", "read_database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        try:
-            url = make_url(value)
-        except ArgumentError:
-            raise ValueError(f"expected a sqlite:/// or postgresql:// URL, got {value!r}") from None
-        backend = url.get_backend_name()
-        if backend not in DATABASE_SCHEMES:
+        match = _DATABASE_URL.match(value)
+        if match is None or match["backend"] not in DATABASE_SCHEMES:
             raise ValueError(f"expected a sqlite:/// or postgresql:// URL, got {value!r}")
-        if backend == "postgresql" and url.drivername == "postgresql":
+        if match["backend"] == "postgresql" and match["driver"] is None:
             # psycopg 3 is the driver we ship; plain postgresql:// would ask for psycopg2.
-            value = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+            value = "postgresql+psycopg" + value[len("postgresql") :]
         return value
 
     @field_validator("broker_url")

@@ -117,6 +117,20 @@ def pg_store_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def empty_pg_store_url() -> Iterator[str]:
+    """URL of a PostgreSQL schema of this test's own that was never migrated."""
+    admin = _pg_admin_engine()
+    schema = f"mlpq_test_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield pg_schema_url(schema)
+    finally:
+        _drop_schema(admin, schema)
+        admin.dispose()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def store_url(request: pytest.FixtureRequest) -> str:
     """URL of an isolated, migrated store; the test runs once on SQLite, once on PostgreSQL."""

@@ -10,6 +10,7 @@ importing this module (celery's ``-A``) does before any task module.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -35,8 +36,14 @@ def _preload(**_: object) -> None:
 
     import service.store.ingest  # noqa: F401
     from service.settings import get_settings
+    from service.store import get_engine
 
-    make_url(get_settings().database_url).get_dialect().import_dbapi()
+    url = make_url(get_settings().database_url)
+    url.get_dialect().import_dbapi()
+    # An embedded SQLite store is checked (and migrated) once here, not in every child;
+    # one that does not exist yet is left to whoever stores the first runs.
+    if url.get_backend_name() != "sqlite" or Path(url.database or "").exists():
+        get_engine(url.render_as_string(hide_password=False))
 
 
 @worker_process_init.connect

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from service.queue import QUEUE, TRAIN_TASK
+from service.queue.names import TRAIN_TASK
 from service.settings import Settings
 
 #: The app module celery loads (``celery -A``).
@@ -29,27 +29,9 @@ BLAS_THREAD_VARS: tuple[str, ...] = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", 
 def worker_command(
     *, concurrency: int, loglevel: str = "INFO", hostname: str | None = None
 ) -> list[str]:
-    """argv of a prefork Celery worker consuming the mlpq queue."""
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        APP_MODULE,
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        str(concurrency),
-        "--queues",
-        QUEUE,
-        "--loglevel",
-        loglevel,
-        # No result backend and no remote revokes to sync: start without the
-        # one-second mingle round and the gossip traffic.
-        "--without-mingle",
-        "--without-gossip",
-    ]
+    """argv of a prefork Celery worker consuming the mlpq queue (``python -m worker``)."""
+    argv = [sys.executable, "-m", "worker", "--concurrency", str(concurrency)]
+    argv += ["--loglevel", loglevel]
     if hostname:
         argv += ["--hostname", hostname]
     return argv
@@ -60,6 +42,9 @@ def worker_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     for var in BLAS_THREAD_VARS:
         env[var] = "1"
+    # SIGTERM is Celery's cold shutdown: runs in progress are handed back at once
+    # (worker.handback) instead of holding the worker until they finish.
+    env["REMAP_SIGTERM"] = "SIGQUIT"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -110,8 +95,16 @@ class LocalWorkers:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def kill(self) -> int | None:
+        """Stop the worker and its children at once (for when nothing is in flight)."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
     def stop(self, *, timeout: float = 60.0) -> int | None:
-        """Warm shutdown (running tasks finish), then a kill after ``timeout`` seconds."""
+        """SIGTERM: runs in progress are handed back (worker.handback); a kill after ``timeout``."""
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + timeout

@@ -8,14 +8,17 @@ message delivered twice, late, or after a cancel does no harm (the claim in
 from __future__ import annotations
 
 import logging
+import reprlib
+from typing import Any
 
 from celery import Task
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.queue import REAP_TASK, TRAIN_TASK
 from service.settings import get_settings
+from worker import handback
 from worker.app import app
-from worker.training import execute_run
+from worker.training import HANDED_BACK, execute_run
 
 log = logging.getLogger("mlpq.worker")
 
@@ -25,14 +28,48 @@ PING_TASK = "mlpq.ping"
 STORE_RETRY_SECONDS = 5
 
 
-@app.task(name=TRAIN_TASK, bind=True, ignore_result=True, max_retries=None)
-def train(self: Task, run_id: object) -> str:
-    """Train run ``run_id`` (claim, train, store); returns what became of it."""
+#: Run ids a message may carry: the store's ids are 32-bit.
+MAX_RUN_ID = 2**31 - 1
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 4, 4, 4
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = 40
+
+
+def parse_run_id(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The run id a train message carries, or None when its payload is anything else."""
+    if kwargs or len(args) != 1:
+        return None
+    run_id = args[0]
     if isinstance(run_id, bool) or not isinstance(run_id, int):
-        log.error("train: message dropped: run id must be an integer, got %r", run_id)
+        return None
+    return run_id if 1 <= run_id <= MAX_RUN_ID else None
+
+
+@app.task(name=TRAIN_TASK, bind=True, ignore_result=True, max_retries=None, typing=False)
+def train(self: Task, *args: Any, **kwargs: Any) -> str:
+    """Train the run whose id the message carries (claim, train, store); what became of it.
+
+    A malformed payload (not exactly one run id, an integer from 1 to 2**31 - 1) is
+    dropped with one log line, and acknowledged: no retry could make it valid.
+    """
+    run_id = parse_run_id(args, kwargs)
+    if run_id is None:
+        log.error(
+            "train: message dropped: expected one run id (an integer from 1 to %d), got "
+            "args=%s kwargs=%s",
+            MAX_RUN_ID,
+            _REPR.repr(args),
+            _REPR.repr(kwargs),
+        )
         return "dropped"
     try:
-        outcome = execute_run(run_id=run_id, settings=get_settings())
+        with handback.training():
+            outcome = execute_run(run_id=run_id, settings=get_settings())
+            if outcome.status == HANDED_BACK:
+                # The broker restores the unacked message too; a second one is a no-op claim.
+                from service.queue import publish_runs
+
+                publish_runs(app, [run_id])
     except (OperationalError, InterfaceError) as exc:
         # The store is unreachable before the claim: acking would lose the run's only
         # message, so it comes back later (a run's own failures never reach here).

@@ -39,11 +39,16 @@ from service.store import (
     get_engine,
     prepare_resume,
     record_resume,
+    release_run,
     save_progress,
     worker_identity,
 )
+from worker import handback
 
 log = logging.getLogger("mlpq.worker")
+
+#: Outcome of a run handed back to the queue by a stopping worker.
+HANDED_BACK = "handed_back"
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,7 @@ class _ClaimedRun:
         self.autocommit = autocommit
         self.buffer: list[dict[str, Any]] = []
         # Whether the run may have artifacts to replace: a checkpoint of this or an earlier attempt.
-        self.has_artifacts = claim.attempt > 1
+        self.has_artifacts = claim.resumes
 
     def train(self) -> Outcome:
         claim, settings = self.claim, self.settings
@@ -186,7 +191,7 @@ class _ClaimedRun:
         time_limit = raw.pop(TIME_LIMIT_KEY, None)
         config = TrainConfig.from_dict(raw)
         data = _load_data(config, self.conn.engine)
-        state = self._resume() if claim.attempt > 1 else None
+        state = self._resume() if claim.resumes else None
         trainer = Trainer(config, data, state=state)
 
         start = time.monotonic()
@@ -200,6 +205,8 @@ class _ClaimedRun:
         for record in trainer.steps():
             if record is not None:
                 self.buffer.append(record)
+            if handback.requested():
+                return self._hand_back(trainer)
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 status, stop_reason = RunStatus.succeeded, "time_limit"
@@ -249,6 +256,25 @@ class _ClaimedRun:
             return Outcome(claim.run_id, "lost")
         log.info("run %d: %s (%s)", claim.run_id, status.value, stop_reason)
         return Outcome(claim.run_id, status.value, stop_reason or "")
+
+    def _hand_back(self, trainer: Trainer) -> Outcome:
+        """This worker is stopping: checkpoint now and queue the run again, to resume elsewhere."""
+        claim = self.claim
+        step = trainer.step
+        if self._save(trainer.checkpoint(), step) is Beat.lost:
+            return Outcome(claim.run_id, "lost")
+        with self.transaction():
+            released = release_run(
+                session=self.conn,
+                run_id=claim.run_id,
+                worker=claim.worker,
+                attempt=claim.attempt,
+                step=step,
+            )
+        if not released:
+            return Outcome(claim.run_id, "lost")
+        log.info("run %d: handed back at step %d (worker stopping)", claim.run_id, step)
+        return Outcome(claim.run_id, HANDED_BACK, f"step {step}")
 
     def fail(self, error: str) -> Outcome:
         claim = self.claim

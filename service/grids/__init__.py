@@ -7,25 +7,24 @@ the inline form of ``mlpq submit --lr ...`` (``inline``). Knows nothing of the
 store or the queue: its output is a ``Grid`` of plain configs and their hashes.
 """
 
-from service.grids.inline import flag, inline_grid
-from service.grids.loader import (
-    TIME_LIMIT_KEY,
-    Grid,
-    config_hash,
-    expand_grid,
-    hidden_label,
-    load_grid,
-    parse_grid,
-)
+from service._exports import lazy_exports
 
-__all__ = [
-    "TIME_LIMIT_KEY",
-    "Grid",
-    "config_hash",
-    "expand_grid",
-    "flag",
-    "hidden_label",
-    "inline_grid",
-    "load_grid",
-    "parse_grid",
-]
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "inline": (
+            "flag",
+            "inline_grid",
+        ),
+        "keys": ("TIME_LIMIT_KEY",),
+        "loader": (
+            "Grid",
+            "config_hash",
+            "expand_grid",
+            "hidden_label",
+            "load_grid",
+            "parse_grid",
+        ),
+    },
+)

@@ -8,12 +8,16 @@ hash (``csv:<sha256>``) so the store keeps it once.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine import DATASETS, ConfigError, load_dataset
 from service.grids.parsed import GridPart, ParsedGrid, Path_
 from service.grids.spec import CsvDataset
+from service.settings import get_settings
 
 
 @dataclass(frozen=True)
@@ -64,16 +68,29 @@ class Datasets(GridPart):
             seen.add(row)
         return Dim(("dataset", "target", "task"), rows, paths)
 
+    def _read_bounded(self, file: Path, where: Path_) -> bytes:
+        """The file's bytes, if it is a regular file of at most MLPQ_MAX_CSV_BYTES."""
+        limit = get_settings().max_csv_bytes
+        try:
+            with file.open("rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise self.error(where, f"{file} is not a regular file")
+                data = fh.read(limit + 1)
+        except FileNotFoundError:
+            raise self.error(where, f"no such file: {file}") from None
+        except OSError as exc:
+            raise self.error(where, f"cannot read {file}: {exc}") from None
+        if len(data) > limit:
+            raise self.error(
+                where, f"{file.name} is larger than {limit:,} bytes (MLPQ_MAX_CSV_BYTES)"
+            )
+        return data
+
     def csv_row(self, entry: CsvDataset, where: Path_) -> tuple[str, str, str | None]:
         file = (self.parsed.base_dir / entry.csv).resolve()
         key = str(file)
         if key not in self.csv_files:
-            try:
-                data = file.read_bytes()
-            except FileNotFoundError:
-                raise self.error((*where, "csv"), f"no such file: {file}") from None
-            except OSError as exc:
-                raise self.error((*where, "csv"), f"cannot read {file}: {exc}") from None
+            data = self._read_bounded(file, (*where, "csv"))
             self.csv_files[key] = CsvFile(
                 name=file.name, sha256=hashlib.sha256(data).hexdigest(), data=data
             )

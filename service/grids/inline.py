@@ -44,6 +44,7 @@ INLINE_OPTIONS: dict[str, tuple[str, str]] = {
     "adapt_step": ("optimizer", "adapt_step"),
     "target_acceptance": ("optimizer", "target_acceptance"),
     "candidates": ("optimizer", "candidates"),
+    "quantize": ("optimizer", "quantize"),
 }
 #: How the command line spells an option, when not ``--`` + the key with dashes.
 FLAGS: dict[str, str] = {"learning_rate": "--lr"}

@@ -16,26 +16,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from service.exceptions import GridError
 from service.grids.datasets import CsvFile
+from service.grids.files import GRID_SUFFIXES, read_grid_file
+from service.grids.keys import TIME_LIMIT_KEY
 from service.grids.parsed import ParsedGrid, grid_error
 from service.grids.resolve import Resolver, block_configs, block_size
 from service.grids.spec import GridSpec, error_line, hidden_label
 
 #: No submit expands more runs than this, --yes or not (memory and time stay bounded).
 HARD_MAX_RUNS = 1_000_000
-GRID_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
-#: Key of a run's config (beside the TrainConfig keys) holding its time limit in seconds.
-TIME_LIMIT_KEY = "time_limit"
 
 Progress = Callable[[str, int, int], None]
 
@@ -93,41 +90,6 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 # -- reading --------------------------------------------------------------------------------
-
-
-def read_grid_file(path: Path) -> dict[str, Any]:
-    """The mapping in a YAML, JSON or TOML grid file; GridError with the line on a syntax error."""
-    source = str(path)
-    suffix = path.suffix.lower()
-    if suffix not in GRID_SUFFIXES:
-        raise GridError(f"{source}: expected a .yaml, .yml, .json or .toml grid file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GridError(f"{source}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GridError(f"{source}: cannot read the file ({exc})") from None
-    try:
-        if suffix == ".json":
-            data = json.loads(text)
-        elif suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise GridError(f"{source}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise GridError(f"{source}: invalid TOML: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise GridError(f"{source}: {line}invalid YAML: {problem}") from None
-    if data is None:
-        raise GridError(f"{source}: the file is empty; expected a grid (datasets, optimizers, ...)")
-    if not isinstance(data, dict):
-        raise GridError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
 
 
 def parse_grid(

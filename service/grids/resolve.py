@@ -82,6 +82,7 @@ class Resolver(GridPart):
         axes = self._block_axes(block, bpath)
         for at in axes.values():
             self.values.check_axis(block.optimizer, at)
+        self.values.check_memory(block.optimizer, axes, bpath)
         zips = [((*bpath, "zip", j), tuple(g)) for j, g in enumerate(block.zip)]
         excludes = [((*bpath, "exclude", j), r) for j, r in enumerate(block.exclude)]
         samples = block.samples if block.samples is not None else spec.samples

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +40,11 @@ BUDGET_KEY: dict[str, str] = {"backprop": "epochs", "random_walk": "iterations"}
 DISTRIBUTIONS: tuple[str, ...] = ("uniform", "loguniform", "choice")
 #: Bounds that keep a typo (seeds: 1e9) from filling memory before the run count is checked.
 MAX_SEEDS = 100_000
+#: Integers a grid may hold: the store's integer columns (seed, batch_size, max_steps,
+#: candidates, ...) are 32-bit on PostgreSQL, and both stores must accept the same grids.
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+#: Largest magnitude of a number in a grid (finite, with room for arithmetic on it).
+MAX_FLOAT = 1e300
 MAX_SAMPLES = 1_000_000
 
 
@@ -78,12 +84,19 @@ class Axis:
         return self.dist is not None
 
 
+# Reprs in error messages are built bounded: a value can be a huge or self-repeating
+# structure (YAML aliases), and repr() of all of it could take minutes and gigabytes.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxtuple, _REPR.maxlist, _REPR.maxdict = 3, 6, 6, 6
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = 40
+
+
 def _describe(value: Any) -> str:
-    return repr(value) if not isinstance(value, Mapping | list) else _short(value)
+    return _short(value)
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -96,10 +109,18 @@ def _float(value: Any, *, optional: bool = False) -> float | None:
             value = float(value.strip())
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"expected a number, got {_describe(value)}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > MAX_FLOAT:
+        raise ValueError(
+            f"expected a finite number of magnitude at most 1e300, got {_short(value)}"
+        )
+    return number
 
 
-def _int(value: Any, *, optional: bool = False) -> int | None:
+def _int(value: Any, *, optional: bool = False, bounded: bool = True) -> int | None:
     if value is None and optional:
         return None
     if isinstance(value, str):
@@ -109,6 +130,11 @@ def _int(value: Any, *, optional: bool = False) -> int | None:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected an integer, got {_describe(value)}")
+    if bounded and not INT_MIN <= value <= INT_MAX:
+        raise ValueError(
+            f"expected an integer from {INT_MIN:,} to {INT_MAX:,} (what both stores hold), "
+            f"got {_short(value)}"
+        )
     return value
 
 
@@ -259,6 +285,7 @@ KEY_KINDS: dict[str, tuple[str, bool]] = {
     "adapt_step": ("bool", False),
     "target_acceptance": ("float", False),
     "candidates": ("int", False),
+    "quantize": ("float", False),
     "max_steps": ("int", False),
     "seed": ("int", False),
     "dataset": ("str", False),
@@ -409,7 +436,7 @@ def _parse_seeds(value: Any) -> tuple[int, ...]:
             except ValueError as exc:
                 raise PathError((i,), str(exc)) from None
         return tuple(seeds)
-    count = _int(value)
+    count = _int(value, bounded=False)  # a count is checked against MAX_SEEDS below
     if count < 1:
         raise ValueError(f"expected a count >= 1 (seeds 0..count-1) or a list, got {count}")
     if count > MAX_SEEDS:
@@ -485,6 +512,7 @@ class RandomWalkBlock(_Block):
     adapt_step: BoolAxis | None = None
     target_acceptance: FloatAxis | None = None
     candidates: IntAxis | None = None
+    quantize: FloatAxis | None = None
     iterations: IntAxis | None = None
 
 

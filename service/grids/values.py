@@ -7,6 +7,7 @@ product never validates the same value twice.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from engine import DATASETS, ConfigError, TrainConfig
 from service.grids.parsed import GridPart, ParsedGrid, Path_
 from service.grids.spec import Axis, hidden_label
+from service.settings import get_settings
 
 
 @dataclass
@@ -45,8 +47,42 @@ class Values(GridPart):
             normal = TrainConfig.from_dict(probe).to_dict()[key]
         except ConfigError as exc:
             raise self.error(path, exc.problem) from None
+        if key == "hidden":
+            self._check_size(normal, path)
         self._normal[marker] = normal
         return normal
+
+    def _check_size(self, hidden: Any, path: Path_) -> None:
+        limit = get_settings().max_parameters
+        params = network_parameters(hidden)
+        if params > limit:
+            raise self.error(
+                path,
+                f"{hidden_label(hidden)} has at least {params:,} parameters; at most "
+                f"{limit:,} (MLPQ_MAX_PARAMETERS)",
+            )
+
+    def check_memory(self, optimizer: str, axes: dict[str, AxisAt], path: Path_) -> None:
+        """A block's largest run fits a worker: its arrays at most MLPQ_MAX_RUN_MEMORY_MB."""
+        hidden = axes.get("hidden")
+        nets = hidden.axis.values if hidden is not None and hidden.axis.values else [(100,)]
+        params = max(network_parameters(h) for h in nets)
+        copies = RUN_COPIES
+        candidates = axes.get("candidates")
+        if optimizer == "random_walk" and candidates is not None and candidates.axis.values:
+            copies += max(int(k) for k in candidates.axis.values)
+        dtypes = axes.get("dtype")
+        itemsize = 4 if dtypes is not None and set(dtypes.axis.values) == {"float32"} else 8
+        need = params * itemsize * copies
+        limit = get_settings().max_run_memory_mb * 2**20
+        if need > limit:
+            where = hidden.path if hidden is not None else path
+            raise self.error(
+                where,
+                f"the largest network needs about {need / 2**20:,.0f} MB per run "
+                f"({params:,} parameters x {copies} copies); at most "
+                f"{limit / 2**20:,.0f} MB (MLPQ_MAX_RUN_MEMORY_MB)",
+            )
 
     def check_axis(self, optimizer: str, at: AxisAt) -> None:
         axis = at.axis
@@ -76,6 +112,17 @@ class Values(GridPart):
                         "each value of an axis must be different",
                     )
                 seen[value] = i
+
+
+#: Copies of the parameters a run holds besides the proposals (weights, gradient or step,
+#: velocity or best point, checkpoint buffer); random walk adds one per candidate.
+RUN_COPIES = 4
+
+
+def network_parameters(hidden: Any) -> int:
+    """Weights and biases of an MLP with these hidden layers, counting one input and output."""
+    widths = [1, *(int(h) for h in hidden), 1]
+    return sum((a + 1) * b for a, b in itertools.pairwise(widths))
 
 
 def axis_bounds(axis: Axis) -> tuple[Any, Any]:

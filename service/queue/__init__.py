@@ -6,23 +6,20 @@ config hash, publish their messages in batches). Uses the grids (what to run)
 and the store (where runs live); neither of them knows the queue.
 """
 
-from service.queue.app import QUEUE, REAP_TASK, TRAIN_TASK, make_app
-from service.queue.enqueue import (
-    SubmitReport,
-    pending_ids,
-    publish_pending,
-    publish_runs,
-    submit,
-)
+from service._exports import lazy_exports
 
-__all__ = [
-    "QUEUE",
-    "REAP_TASK",
-    "TRAIN_TASK",
-    "SubmitReport",
-    "make_app",
-    "pending_ids",
-    "publish_pending",
-    "publish_runs",
-    "submit",
-]
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "names": ("QUEUE", "REAP_TASK", "TRAIN_TASK"),
+        "app": ("make_app",),
+        "enqueue": (
+            "SubmitReport",
+            "pending_ids",
+            "publish_pending",
+            "publish_runs",
+            "submit",
+        ),
+    },
+)

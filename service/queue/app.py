@@ -9,14 +9,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from service.queue.names import QUEUE, REAP_TASK, TRAIN_TASK
 from service.settings import Settings, get_settings
-
-#: The queue every train message goes to.
-QUEUE = "mlpq"
-#: Name of the train task (``worker.tasks.train``); messages carry only the run id.
-TRAIN_TASK = "mlpq.train"
-#: Name of the periodic stale-run reaper task.
-REAP_TASK = "mlpq.reap_stale"
 
 
 def broker_url(settings: Settings) -> str:
@@ -62,8 +56,9 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_max_tasks_per_child": settings.worker_max_tasks_per_child,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
-        "task_send_sent_event": False,
+        "worker_soft_shutdown_timeout": settings.worker_soft_shutdown_seconds,
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
         "broker_pool_limit": 10,
     }
 

@@ -34,7 +34,7 @@ from sqlalchemy import Connection, Engine, func, insert, select, text, update
 
 from service.exceptions import BrokerError
 from service.grids import Grid, hidden_label
-from service.queue.app import QUEUE, TRAIN_TASK
+from service.queue.names import QUEUE, TRAIN_TASK
 from service.store import Experiment, Run, RunStatus, reset_runs, store_dataset, utcnow
 
 try:

@@ -6,28 +6,24 @@ as it is in ``mlpq sql`` on SQLite and PostgreSQL. Reads the store; never
 writes it, and knows nothing of grids or the queue.
 """
 
-from service.results.queries import (
-    GROUPABLE,
-    RANKABLE,
-    dataset_labels,
-    experiment_datasets,
-    experiment_progress,
-    group_leaderboard,
-    group_leaderboard_sql,
-    leaderboard,
-    leaderboard_sql,
-    loss_curve,
-)
+from service._exports import lazy_exports
 
-__all__ = [
-    "GROUPABLE",
-    "RANKABLE",
-    "dataset_labels",
-    "experiment_datasets",
-    "experiment_progress",
-    "group_leaderboard",
-    "group_leaderboard_sql",
-    "leaderboard",
-    "leaderboard_sql",
-    "loss_curve",
-]
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "reader": ("QueryError", "read_engine", "read_query", "reader_url"),
+        "queries": (
+            "GROUPABLE",
+            "RANKABLE",
+            "dataset_labels",
+            "experiment_datasets",
+            "experiment_progress",
+            "group_leaderboard",
+            "group_leaderboard_sql",
+            "leaderboard",
+            "leaderboard_sql",
+            "loss_curve",
+        ),
+    },
+)

@@ -7,7 +7,9 @@ on first use; PostgreSQL is migrated once with ``mlpq db upgrade``.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import get_settings
+from service.store import sqlite_functions
 
 # Seconds a SQLite writer waits for the lock before "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -32,6 +35,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+    sqlite_functions.register(dbapi_conn)
 
 
 def _sqlite_begin(conn) -> None:
@@ -67,6 +71,9 @@ def is_sqlite(engine: Engine) -> bool:
 # close them (tests drop their stores; eviction would leak open connections).
 _ENGINES: dict[tuple[str, int], Engine] = {}
 _ENGINES_LOCK = threading.Lock()
+# SQLite stores found at the newest schema by this process or the one it was forked from
+# (a worker's main process checks once; its children skip Alembic on their first run).
+_MIGRATED: set[str] = set()
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -82,12 +89,50 @@ def get_engine(url: str | None = None) -> Engine:
             engine = _ENGINES.get(key)
             if engine is None:
                 engine = make_engine(key[0])
-                if is_sqlite(engine):
-                    from service.store.migrate import upgrade
+                if is_sqlite(engine) and key[0] not in _MIGRATED:
+                    if not _at_head(engine):
+                        from service.store.migrate import upgrade
 
-                    upgrade(engine)
+                        upgrade(engine)
+                    _MIGRATED.add(key[0])
                 _ENGINES[key] = engine
     return engine
+
+
+_REVISION = re.compile(r"^(down_)?revision\b[^=]*=\s*['\"]?([\w]+)?", re.M)
+
+
+@functools.cache
+def script_head() -> str | None:
+    """The newest revision in ``migrations/versions``, read from the files without Alembic.
+
+    Importing Alembic costs a quarter of a second; every ``mlpq`` command and every
+    worker start checks the embedded store against this first and migrates only
+    when it differs (tests/store checks it against Alembic's own answer).
+    """
+    import migrations
+
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (Path(migrations.__file__).parent / "versions").glob("*.py"):
+        for down, value in _REVISION.findall(path.read_text()):
+            if value and value != "None":
+                (parents if down else revisions).add(value)
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _at_head(engine: Engine) -> bool:
+    """Whether the SQLite store's recorded revision is the newest (no transaction, no lock)."""
+    conn = engine.raw_connection()
+    try:
+        row = conn.cursor().execute("SELECT version_num FROM alembic_version").fetchone()
+    except Exception:  # no such table yet
+        return False
+    finally:
+        conn.close()
+    head = script_head()
+    return head is not None and row is not None and row[0] == head
 
 
 def dispose_engines() -> None:

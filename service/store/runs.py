@@ -91,6 +91,13 @@ class Claim:
     attempt: int
     worker: str
     config: dict[str, Any]
+    #: Step of the checkpoint a worker handed the run back at (None: not handed back).
+    handed_back_at: int | None = None
+
+    @property
+    def resumes(self) -> bool:
+        """Whether an earlier attempt may have left a checkpoint to resume from."""
+        return self.attempt > 1 or self.handed_back_at is not None
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ _CLAIM = (
         ~_runs.c.cancel_requested,
     )
     .values(_CLAIM_VALUES)
-    .returning(_runs.c.attempt, _runs.c.config)
+    .returning(_runs.c.attempt, _runs.c.config, _runs.c.resumed_from_step)
 )
 # _CLAIM as PostgreSQL text for the driver (see _pg_first_row).
 _PG_CLAIM = (
@@ -135,7 +142,7 @@ _PG_CLAIM = (
     f"WHERE id = %(b_id)s AND (status = '{RunStatus.queued.value}' "
     f"OR (status = '{RunStatus.running.value}' AND heartbeat_at < %(b_cutoff)s)) "
     "AND attempt < %(b_max_attempts)s AND NOT cancel_requested "
-    "RETURNING attempt, config"
+    "RETURNING attempt, config, resumed_from_step"
 )
 # Guards of every write a worker makes to a run it claimed.
 _OWNED = (
@@ -301,8 +308,8 @@ def claim_run(
     else:
         row = conn.execute(_CLAIM, params).first()
     if row is not None:
-        attempt, config = row
-        return Claim(run_id=run_id, attempt=attempt, worker=worker, config=config)
+        attempt, config, handed_back_at = row
+        return Claim(run_id, attempt, worker, config, handed_back_at)
 
     seen = session.execute(
         select(
@@ -346,12 +353,14 @@ def claim_run(
         outcome = f"run {run_id} used up {seen.attempt} attempt(s); marked failed"
     else:
         row = session.execute(
-            same_row.values(_CLAIM_VALUES).returning(_runs.c.attempt, _runs.c.config),
+            same_row.values(_CLAIM_VALUES).returning(
+                _runs.c.attempt, _runs.c.config, _runs.c.resumed_from_step
+            ),
             {"b_worker": worker, "b_now": now},
         ).first()
         if row is None:
             return Refusal(run_id, f"run {run_id} was claimed by another worker meanwhile")
-        return Claim(run_id=run_id, attempt=row.attempt, worker=worker, config=row.config)
+        return Claim(run_id, row.attempt, worker, row.config, row.resumed_from_step)
     session.execute(same_row.values(values))
     return Refusal(run_id, outcome)
 
@@ -408,6 +417,31 @@ def save_progress(
     if checkpoint is not None:
         save_artifact(session, run_id, ArtifactKind.checkpoint, checkpoint, step=checkpoint_step)
     return beat
+
+
+def release_run(
+    *, session: Session | Connection, run_id: int, worker: str, attempt: int, step: int
+) -> bool:
+    """Hand a run this worker owns back to the queue, to resume from its checkpoint at ``step``.
+
+    For a worker that is stopping (SIGTERM): the run is queued again with its
+    claim cleared, and the attempt it used is given back (a scale-down is not a
+    failure, so it does not count towards ``max_attempts``); ``resumed_from_step``
+    tells the next claim to resume. False if the run was no longer ours.
+    """
+    result = session.execute(
+        update(_runs)
+        .where(*_OWNED)
+        .values(
+            status=RunStatus.queued,
+            worker=None,
+            heartbeat_at=None,
+            attempt=_runs.c.attempt - 1,
+            resumed_from_step=bindparam("b_step"),
+        ),
+        {"b_id": run_id, "b_worker": worker, "b_attempt": attempt, "b_step": step},
+    )
+    return result.rowcount == 1
 
 
 @dataclass(frozen=True)

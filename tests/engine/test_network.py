@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engine import ACTIVATIONS, DERIVATIVES, LOSS_FUNCTIONS
+from engine import ACTIVATIONS, DERIVATIVES, LOSS_FUNCTIONS, NO_GRADIENT
 from engine.network import AUTO_INIT, Backprop, Forward, Network
 
 TASKS = ("multiclass", "binary", "regression")
@@ -34,7 +34,9 @@ def _problem(task: str, hidden: list[int], activation: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("task", TASKS)
-@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+# step and sign have no gradient to check by differences (zero almost everywhere, undefined
+# at 0, where a difference quotient blows up): see the test after this one.
+@pytest.mark.parametrize("activation", sorted(set(ACTIVATIONS) - NO_GRADIENT))
 @pytest.mark.parametrize("hidden", [[], [5], [6, 4]], ids=["no-hidden", "one", "two"])
 @pytest.mark.parametrize("alpha", [0.0, 0.7])
 def test_gradient_matches_central_differences(task, activation, hidden, alpha) -> None:
@@ -57,6 +59,33 @@ def test_gradient_matches_central_differences(task, activation, hidden, alpha) -
         numeric[j] = (up - down) / (2 * h)
     error = np.linalg.norm(numeric - grad) / (np.linalg.norm(numeric) + np.linalg.norm(grad))
     assert error < 1e-6, error
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("activation", sorted(NO_GRADIENT))
+def test_through_a_hard_threshold_only_the_output_layer_gets_a_gradient(task, activation) -> None:
+    net, theta, X, Y = _problem(task, [6, 4], activation)
+    grad = np.empty_like(theta)
+    loss, gWs, gbs = Backprop(net, theta, grad, len(X), 0.0).backprop(X, Y)
+    assert loss == pytest.approx(net.loss(theta, X, Y, 0.0), rel=1e-12)
+    # The chain rule through step/sign multiplies by 0: every hidden layer's gradient is 0.
+    for g in gWs[:-1] + gbs[:-1]:
+        assert not g.any()
+    # The output layer sees the thresholded features and has an ordinary gradient.
+    h = 1e-6
+    Ws, bs = net.unpack(theta)
+    for param, g in ((Ws[-1], gWs[-1]), (bs[-1], gbs[-1])):
+        numeric = np.empty_like(param)
+        for idx in np.ndindex(param.shape):
+            keep = param[idx]
+            param[idx] = keep + h
+            up = net.loss(theta, X, Y, 0.0)
+            param[idx] = keep - h
+            down = net.loss(theta, X, Y, 0.0)
+            param[idx] = keep
+            numeric[idx] = (up - down) / (2 * h)
+        np.testing.assert_allclose(g, numeric, rtol=1e-6, atol=1e-9)
+    assert np.abs(gWs[-1]).max() > 0
 
 
 def test_hand_worked_two_layer_regression_network() -> None:

@@ -140,12 +140,35 @@ def test_learning_rate_decay_and_temperature_schedule_are_reported() -> None:
             dtype="float32",
             log_every=5,
         ),
+        TrainConfig(
+            dataset="moons",
+            optimizer="random_walk",
+            hidden=(8, 4),
+            activation="step",
+            candidates=6,
+            quantize=0.05,
+            temperature=0.02,
+            max_steps=12,
+            seed=3,
+        ),
+        TrainConfig(
+            dataset="circles",
+            optimizer="backprop",
+            hidden=(8,),
+            activation="sign",
+            batch_size=16,
+            momentum=0.5,
+            max_steps=12,
+            seed=5,
+        ),
     ],
     ids=[
         "backprop-minibatch-momentum",
         "backprop-fullbatch-f32",
         "rw-candidates-annealing",
         "rw-no-hidden-f32",
+        "rw-step-quantized",
+        "backprop-sign",
     ],
 )
 def test_resume_from_any_step_is_bitwise_the_uninterrupted_run(config) -> None:
@@ -207,6 +230,45 @@ def test_same_config_and_seed_give_bitwise_identical_runs() -> None:
     assert a_trainer.result().weights == b_trainer.result().weights
     c_trainer, _ = _run(TrainConfig(**{**config.to_dict(), "hidden": (16,), "seed": 10}))
     assert c_trainer.result().weights != a_trainer.result().weights
+
+
+@pytest.mark.parametrize("activation", ["step", "sign"])
+def test_hard_threshold_and_quantized_runs_are_bitwise_deterministic(activation: str) -> None:
+    config = TrainConfig(
+        dataset="moons",
+        optimizer="random_walk",
+        hidden=(8,),
+        activation=activation,
+        candidates=4,
+        quantize=0.1,
+        max_steps=10,
+        seed=4,
+    )
+    a_trainer, a = _run(config)
+    b_trainer, b = _run(config)
+    assert _without_elapsed(a) == _without_elapsed(b)
+    assert a_trainer.result().weights == b_trainer.result().weights
+
+
+def test_quantized_random_walk_returns_a_point_of_the_grid() -> None:
+    from engine import load_weights
+
+    q = 0.05
+    config = TrainConfig(
+        dataset="moons",
+        optimizer="random_walk",
+        hidden=(6,),
+        candidates=4,
+        quantize=q,
+        max_steps=25,
+        seed=2,
+    )
+    trainer, records = _run(config)
+    assert records[-1]["acceptance_rate"] > 0  # it moved off the (unrounded) start
+    Ws, bs, _ = load_weights(trainer.result().weights)
+    for array in Ws + bs:
+        steps = np.asarray(array, dtype=np.float64) / q
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)
 
 
 def test_checkpoint_of_another_config_is_refused() -> None:

@@ -29,7 +29,8 @@ CASES = [
     ),
     (
         "datasets: moons\nmodel: {activation: [relu, sigmod]}\n" + OK_BLOCKS,
-        "model.activation[1]: must be one of relu, leaky_relu, tanh, sigmoid, identity; "
+        "model.activation[1]: must be one of relu, leaky_relu, tanh, sigmoid, identity, step, "
+        "sign; "
         "got 'sigmod'",
     ),
     (
@@ -91,7 +92,7 @@ CASES = [
         "optimizers[0].epochs: unknown key (a backprop parameter); expected one of datasets, "
         "seeds, hidden, activation, init, dtype, val_fraction, log_every, target_loss, patience, "
         "time_limit, zip, exclude, samples, optimizer, step_size, temperature, cooling, "
-        "adapt_step, target_acceptance, candidates, iterations",
+        "adapt_step, target_acceptance, candidates, quantize, iterations",
     ),
     (
         "datasets: moons\noptimizers:\n  - optimizer: backprop\n    learning_rate: [0.1, 0.01]\n"
@@ -117,11 +118,12 @@ CASES = [
         "exclude[0].actvation: unknown key; expected one of optimizer, datasets, seeds, epochs, "
         "iterations, hidden, activation, init, dtype, val_fraction, log_every, target_loss, "
         "patience, learning_rate, batch_size, momentum, weight_decay, lr_decay, step_size, "
-        "temperature, cooling, adapt_step, target_acceptance, candidates",
+        "temperature, cooling, adapt_step, target_acceptance, candidates, quantize",
     ),
     (
         "datasets: moons\nexclude: [{activation: rleu}]\n" + OK_BLOCKS,
-        "exclude[0].activation: must be one of relu, leaky_relu, tanh, sigmoid, identity; "
+        "exclude[0].activation: must be one of relu, leaky_relu, tanh, sigmoid, identity, step, "
+        "sign; "
         "got 'rleu'",
     ),
     (

@@ -87,7 +87,7 @@ def test_a_subpackage_imports_whole_with_the_others_blocked(package: str) -> Non
 
 
 def test_the_blocking_finder_would_catch_a_forbidden_import() -> None:
-    # The rule is not vacuous: the queue, with the store blocked, cannot import.
+    # The rule is not vacuous: the queue's submitting, with the store blocked, cannot import.
     code = textwrap.dedent(
         """
         import sys
@@ -97,7 +97,7 @@ def test_the_blocking_finder_would_catch_a_forbidden_import() -> None:
                     raise ImportError(f"blocked: {name}")
                 return None
         sys.meta_path.insert(0, Block())
-        import service.queue
+        import service.queue.enqueue
         """
     )
     proc = subprocess.run(

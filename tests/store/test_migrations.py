@@ -185,3 +185,9 @@ def test_concurrent_upgrades_of_an_empty_postgres_schema_migrate_it_once(
         assert schema_diff(engine) == []
     finally:
         engine.dispose()
+
+
+def test_the_head_read_from_the_files_is_alembics_head() -> None:
+    from service.store.db import script_head
+
+    assert script_head() == head_revision()

@@ -94,9 +94,12 @@ def test_worker_command_pins_one_blas_thread_per_process_and_uses_every_cpu(tmp_
             timeout=30,
             what="the worker to start",
         )
-        # `mlpq worker` execs celery in place: same pid, environment set before NumPy loads.
+        # `mlpq worker` execs the Celery worker (python -m worker) in place: same pid,
+        # environment set before NumPy loads; a prefork pool of --concurrency processes.
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"celery" in cmdline and b"prefork" in cmdline
+        assert cmdline[1:3] == [b"-m", b"worker"]
+        banner = (tmp_path / "worker.log").read_text()
+        assert f"concurrency: {os.cpu_count()} (prefork)" in banner
         # --concurrency defaults to the CPU count.
         assert cmdline[cmdline.index(b"--concurrency") + 1] == str(os.cpu_count()).encode()
         environ = dict(
@@ -282,3 +285,44 @@ def test_stopped_embedded_run_leaves_no_worker_behind_and_the_next_run_finishes_
             "JOIN metrics m ON m.run_id = r.id GROUP BY r.id, r.status"
         ).fetchall()
     assert rows == [("succeeded", 1500, 1, 1500)] * 4
+
+
+def test_a_minute_long_read_beside_mlpq_run_blocks_no_worker_and_every_run_finishes(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "grid.yaml").write_text(GRID)
+    env = worker_env()
+    # The store exists before the reader starts (the first command creates and migrates it).
+    first = _mlpq("sql", "SELECT count(*) FROM runs", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    # Counts for 60 s (its timeout) inside one read of the store, holding its snapshot.
+    slow = (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+        "SELECT count(*) FROM c, (SELECT count(*) FROM runs)"
+    )
+    reader = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlpq")), "sql", slow, "--timeout", "60"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1)  # the query is under way
+        result = _mlpq("run", "grid.yaml", "--concurrency", "2", cwd=tmp_path, env=env)
+        still_reading = reader.poll() is None
+    finally:
+        reader.kill()
+        reader.communicate()
+    assert result.returncode == 0, result.stderr
+    assert still_reading, "the reader ended before the runs did: the test proves nothing"
+    counts = _mlpq(
+        "sql",
+        "SELECT status, count(*) FROM runs GROUP BY status",
+        "-f",
+        "csv",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert counts.stdout.splitlines()[1:] == ["succeeded,12"], counts.stdout

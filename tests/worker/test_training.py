@@ -203,7 +203,7 @@ def test_runs_of_one_dataset_and_seed_share_one_read_only_copy(
 def test_a_csv_run_reads_the_stored_file_once_per_worker_process(
     settings: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.store.ingest
+    import service.store
     import worker.training
     from engine import TrainConfig, Trainer, load_dataset
     from engine.datasets import csv_name
@@ -213,13 +213,13 @@ def test_a_csv_run_reads_the_stored_file_once_per_worker_process(
     monkeypatch.setattr(worker.training, "_DATASETS", worker.training._SizedCache(2**20))
     monkeypatch.setattr(worker.training, "_CSVS", worker.training._SizedCache(2**20, len))
     reads: list[str] = []
-    read = service.store.ingest.load_dataset_bytes
+    read = service.store.load_dataset_bytes
 
     def counted(target: Any, sha256: str) -> bytes:
         reads.append(sha256)
         return read(target, sha256)
 
-    monkeypatch.setattr(service.store.ingest, "load_dataset_bytes", counted)
+    monkeypatch.setattr(service.store, "load_dataset_bytes", counted)
     rng = np.random.default_rng(5)
     body = "a,b,y\n" + "".join(
         f"{a:.6f},{b:.6f},{int(a * b > 0)}\n" for a, b in rng.normal(size=(80, 2))

@@ -263,7 +263,48 @@ def test_message_for_a_missing_run_is_dropped_with_a_log_line_and_the_worker_goe
     assert RunStatus(row.status) is RunStatus.succeeded
     log = worker.log()
     assert "run 987654: message dropped: run 987654 does not exist" in log
-    assert "run id must be an integer, got 'not-an-id'" in log
+    assert "expected one run id (an integer from 1 to 2147483647), got args=('not-an-id',)" in log
+    assert worker.proc.poll() is None
+
+
+def test_every_malformed_payload_is_dropped_with_one_line_and_acked_never_a_traceback(
+    cluster: Cluster, redis_url: str
+) -> None:
+    import redis
+
+    from service.queue import QUEUE, TRAIN_TASK
+
+    worker = cluster.start_worker("w1", concurrency=1)
+    payloads: list[tuple[list, dict]] = [
+        ([2**70], {}),
+        ([-1], {}),
+        ([0], {}),
+        ([2**31], {}),
+        ([1.5], {}),
+        ([True], {}),
+        ([None], {}),
+        (["12"], {}),
+        ([[1, 2]], {}),
+        ([{"run": 1}], {}),
+        ([], {}),
+        ([1, 2], {}),
+        ([], {"run_id": 1}),
+        ([[[[[[[[1]]]]]]]] * 1000, {}),
+    ]
+    for args, kwargs in payloads:
+        cluster.app.send_task(TRAIN_TASK, args=args, kwargs=kwargs)
+    (run_id,) = cluster.submit([TINY_BACKPROP])
+    row = cluster.wait_finished([run_id], timeout=60)[run_id]
+    assert RunStatus(row.status) is RunStatus.succeeded
+    log = worker.log()
+    assert log.count("train: message dropped: expected one run id") == len(payloads)
+    assert "Traceback" not in log and "ERROR/ForkPoolWorker" not in log.replace(
+        "ERROR/ForkPoolWorker-1] train: message dropped", ""
+    )
+    # Acked: nothing waits in the queue or in Redis's unacked set.
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: client.hlen("unacked") == 0, timeout=10, what="no unacked message")
+    assert client.llen(QUEUE) == 0
     assert worker.proc.poll() is None
 
 

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,11 +105,12 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, every: 
 
 
 def worker_env(**settings: object) -> dict[str, str]:
-    """The environment of a worker subprocess: ours plus ``MLPQ_<NAME>`` settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLPQ_")}
+    """A worker subprocess's environment, as `mlpq worker` sets it, plus ``MLPQ_*`` settings."""
+    from worker.local import worker_environment
+
+    env = {k: v for k, v in worker_environment().items() if not k.startswith("MLPQ_")}
     for key, value in settings.items():
         env[f"MLPQ_{key.upper()}"] = str(value)
-    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
@@ -180,3 +182,51 @@ class WorkerProcess:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+class MlpqWorker:
+    """`mlpq worker --concurrency N --hostname NAME@%h`, as a scaled container runs it."""
+
+    def __init__(
+        self, settings: dict[str, Any], log_dir: Path, name: str, *, concurrency: int
+    ) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        env = worker_env(**settings)
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("mlpq")),
+                "worker",
+                "--concurrency",
+                str(concurrency),
+                "--hostname",
+                f"{name}@%h",
+            ],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(p) for p in path.read_text().split()]
+        except OSError:
+            return []
+
+    def claimed(self) -> set[int]:
+        return {int(m) for m in re.findall(r"run (\d+): claimed by", self.log())}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
