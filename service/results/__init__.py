@@ -16,6 +16,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "queries": (
             "GROUPABLE",
             "RANKABLE",
+            "curves",
             "dataset_labels",
             "experiment_datasets",
             "experiment_progress",

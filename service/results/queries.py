@@ -41,6 +41,25 @@ FROM metrics
 WHERE run_id = :run_id
 ORDER BY step"""
 
+#: One metric of several runs in one statement, ordered by run then step (plots).
+CURVES_SQL = """\
+SELECT run_id, step, {metric}
+FROM metrics
+WHERE run_id IN :run_ids
+ORDER BY run_id, step"""
+
+#: Metric columns ``curves`` can fetch.
+CURVE_METRICS: tuple[str, ...] = (
+    "train_loss",
+    "val_loss",
+    "train_accuracy",
+    "val_accuracy",
+    "train_r2",
+    "val_r2",
+    "train_mae",
+    "val_mae",
+)
+
 #: Counts by status (and the best results so far) per experiment.
 PROGRESS_SQL = "SELECT * FROM experiment_progress ORDER BY experiment_id"
 
@@ -196,3 +215,19 @@ def dataset_labels(engine: Engine) -> dict[str, str]:
             f"csv:{sha}": name
             for sha, name in conn.execute(text("SELECT sha256, name FROM datasets"))
         }
+
+
+def curves(
+    engine: Engine, *, run_ids: list[int], metric: str = "val_loss"
+) -> list[tuple[int, int, float | None]]:
+    """``(run_id, step, metric)`` of every logged step of ``run_ids``, by run then step."""
+    from sqlalchemy import bindparam
+
+    if metric not in CURVE_METRICS:
+        raise ValueError(f"metric: expected one of {', '.join(CURVE_METRICS)}, got {metric!r}")
+    statement = text(CURVES_SQL.format(metric=metric)).bindparams(
+        bindparam("run_ids", expanding=True)
+    )
+    with engine.connect() as conn:
+        # Rows compare and unpack as tuples; building 100,000 tuples would double the time.
+        return conn.execute(statement, {"run_ids": list(run_ids)}).all()  # type: ignore[return-value]

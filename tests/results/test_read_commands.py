@@ -323,3 +323,14 @@ def test_dry_run_lists_runs_up_to_the_limit(store_env: str, tmp_path) -> None:
     assert len(numbered) == 7
     assert "7 of 48 runs shown" in result.stdout
     assert "48 of 48 runs shown" in mlpq("submit", grid, "--dry-run").stdout
+
+
+def test_curves_fetches_several_runs_in_run_then_step_order(filled: Engine) -> None:
+    from service.results import curves
+
+    write_metrics(filled, 2, [{"step": s, "val_loss": 2.0 / s} for s in (3, 1, 2)])
+    rows = [tuple(r) for r in curves(filled, run_ids=[2, 1], metric="val_loss")]
+    assert [(r, s) for r, s, _ in rows] == [(1, s) for s in range(1, 11)] + [(2, 1), (2, 2), (2, 3)]
+    assert rows[-1][2] == pytest.approx(2.0 / 3)
+    with pytest.raises(ValueError, match="metric"):
+        curves(filled, run_ids=[1], metric="loss; DROP TABLE runs")
