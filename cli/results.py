@@ -65,17 +65,19 @@ def _varying(
 # --- status -----------------------------------------------------------------------------
 
 
-def _status_view(status: Any) -> Group:
+def _status_view(status: Any, *, styled: bool = True) -> Group:
     counts = ", ".join(
         f"[{_STATUS_STYLE[s]}]{n} {s}[/]" if s in _STATUS_STYLE else f"{n} {s}"
         for s, n in status.counts.items()
         if n
     )
     bar = Table.grid(padding=(0, 1))
-    bar.add_row(
-        ProgressBar(total=max(status.total, 1), completed=status.finished, width=40),
-        f"{status.finished}/{status.total}",
-    )
+    if styled:
+        shown: Any = ProgressBar(total=max(status.total, 1), completed=status.finished, width=40)
+    else:  # rich's bar is drawn by colour alone: invisible without it
+        filled = round(40 * status.finished / max(status.total, 1))
+        shown = "#" * filled + "-" * (40 - filled)
+    bar.add_row(shown, f"{status.finished}/{status.total}")
     rate = f"{status.runs_per_second:.3g} runs/s" if status.runs_per_second else "- runs/s"
     lines: list[Any] = [
         Text.from_markup(
@@ -123,15 +125,16 @@ def status(
         print_json(current.as_dict())
         return
     out = console()
+    styled = out.is_terminal and out.color_system is not None
     if not watch or current.done:
-        out.print(_status_view(current))
+        out.print(_status_view(current, styled=styled))
         return
     try:
-        with Live(_status_view(current), console=out, auto_refresh=False) as live:
+        with Live(_status_view(current, styled=styled), console=out, auto_refresh=False) as live:
             while not current.done:
                 time.sleep(interval)
                 current = experiment_status(engine, exp)
-                live.update(_status_view(current), refresh=True)
+                live.update(_status_view(current, styled=styled), refresh=True)
     except KeyboardInterrupt:
         pass
 
