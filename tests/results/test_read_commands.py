@@ -334,3 +334,11 @@ def test_curves_fetches_several_runs_in_run_then_step_order(filled: Engine) -> N
     assert rows[-1][2] == pytest.approx(2.0 / 3)
     with pytest.raises(ValueError, match="metric"):
         curves(filled, run_ids=[1], metric="loss; DROP TABLE runs")
+
+
+def test_where_and_sort_accept_exactly_the_run_summary_columns(store_engine: Engine) -> None:
+    from service.results.runs import SUMMARY_COLUMNS
+
+    with store_engine.connect() as conn:
+        columns = tuple(conn.execute(text("SELECT * FROM run_summary WHERE 1 = 0")).keys())
+    assert columns == SUMMARY_COLUMNS
