@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cli.output import console, dataset_label, print_json
 from service.exceptions import MlpqError
 
 if TYPE_CHECKING:
@@ -42,7 +42,6 @@ _PARAMS: tuple[str, ...] = (
     "temperature",
     "seed",
 )
-_ALWAYS_SHOWN = frozenset({"dataset", "optimizer"})
 _STATUSES: tuple[str, ...] = ("succeeded", "running", "queued", "failed", "diverged", "cancelled")
 _STATUS_COLORS: dict[str, str] = {"failed": "red", "diverged": "yellow", "running": "cyan"}
 
@@ -73,14 +72,24 @@ def _by_status(row: Mapping[str, Any]) -> str:
     return ", ".join(parts) or "no runs"
 
 
-def ls() -> None:
-    """List experiments: runs finished, runs by status, best results so far."""
+def ls(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List experiments: runs finished, runs by status, best results so far.
+
+    Example:
+
+        $ mlpq ls --json
+    """
     from service.results import experiment_progress, read_engine
 
     rows = experiment_progress(read_engine())
-    console = Console()
+    if as_json:
+        print_json(rows)
+        return
+    out = console()
     if not rows:
-        console.print("no experiments yet (mlpq run GRID, or mlpq submit GRID)")
+        out.print("no experiments yet (mlpq run GRID, or mlpq submit GRID)")
         return
     table = Table("id", "experiment", "done", "runs by status", "best val acc", "best val loss")
     for row in rows:
@@ -93,7 +102,7 @@ def ls() -> None:
             _fmt(row["best_val_accuracy"]),
             _fmt(row["best_val_loss"]),
         )
-    console.print(table)
+    out.print(table)
 
 
 def show(
@@ -106,8 +115,18 @@ def show(
         ),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="Runs to show.")] = 10,
+    include_diverged: Annotated[
+        bool, typer.Option("--include-diverged", help="Rank diverged runs too.")
+    ] = False,
 ) -> None:
-    """Show an experiment's runs by status, its best runs, and its failed runs' errors."""
+    """Show an experiment's runs by status, its best runs, and its failed runs' errors.
+
+    Diverged runs are left out of the ranking unless --include-diverged.
+
+    Example:
+
+        $ mlpq show quickstart --by best_val_loss
+    """
     from sqlalchemy.orm import Session
 
     from service.results import RANKABLE, read_engine
@@ -118,18 +137,28 @@ def show(
     engine = read_engine()
     with Session(engine) as session:
         name = get_experiment(session=session, name=experiment).name
-    print_leaderboard(engine, name, by=by, limit=limit)
+    print_leaderboard(engine, name, by=by, limit=limit, include_diverged=include_diverged)
 
 
 def print_leaderboard(
-    engine: Engine, experiment: str, *, by: str | None = None, limit: int = 10
+    engine: Engine,
+    experiment: str,
+    *,
+    by: str | None = None,
+    limit: int = 10,
+    include_diverged: bool = False,
 ) -> None:
-    """Runs by status, the top ``limit`` runs by ``by``, and the failed runs' errors."""
+    """Runs by status, the top ``limit`` runs by ``by``, and the failed runs' errors.
+
+    Diverged runs are ranked only with ``include_diverged``: their best score
+    may predate the blow-up.
+    """
     from sqlalchemy import text
 
-    from service.results import experiment_datasets, leaderboard
+    from service.results import dataset_labels, experiment_datasets, leaderboard
 
-    console = Console()
+    out = console()
+    labels = dataset_labels(engine)
     with engine.connect() as conn:
         counts = (
             conn.execute(
@@ -145,44 +174,74 @@ def print_leaderboard(
             ),
             {"id": counts["experiment_id"]},
         ).all()
-    console.print(f"[bold]{experiment}[/bold]: {_by_status(counts)}", highlight=False)
+    out.print(f"[bold]{experiment}[/bold]: {_by_status(counts)}", highlight=False)
     datasets = experiment_datasets(engine, experiment=experiment)
     # One table per dataset when there are several: their scores are not comparable
     # (and a regression dataset ranks by r2 where a classification one ranks by accuracy).
     for dataset in datasets if len(datasets) > 1 else [None]:
         for column in [by] if by else DEFAULT_RANKING:
             rows = leaderboard(
-                engine, experiment=experiment, by=column, limit=limit, dataset=dataset
+                engine,
+                experiment=experiment,
+                by=column,
+                limit=limit,
+                dataset=dataset,
+                include_diverged=include_diverged,
             )
             if rows:
-                console.print(_leaderboard_table(rows, column, dataset))
+                title = f"top {len(rows)} by {column}" + (
+                    f" on {dataset_label(dataset, labels)}" if dataset else ""
+                )
+                out.print(leaderboard_table(rows, column, title, labels, dataset=dataset is None))
                 break
     for run_id, error in failures:
         last = (error or "").strip().splitlines()[-1:] or ["(no error recorded)"]
-        console.print(f"[red]run {run_id} failed[/red]: {last[0]}", highlight=False)
+        out.print(f"[red]run {run_id} failed[/red]: {last[0]}", highlight=False)
     if counts["failed"] and counts["failed"] > len(failures):
-        console.print(
+        out.print(
             f"... {counts['failed'] - len(failures)} more failed run(s): "
             "mlpq sql \"SELECT id, error FROM runs WHERE status = 'failed'\"",
             highlight=False,
         )
 
 
-def _leaderboard_table(rows: list[dict[str, Any]], by: str, dataset: str | None) -> Table:
-    # Dataset and optimizer always (a score means little without them); the other
-    # hyperparameters only where they differ between the listed runs.
-    params = [
+def leaderboard_table(
+    rows: list[dict[str, Any]], by: str, title: str, labels: dict[str, str], *, dataset: bool
+) -> Table:
+    """Runs ranked by ``by``: run, dataset (if ``dataset``), optimizer, config, seed, status.
+
+    The hyperparameters that differ between the listed runs share one wrapping
+    ``config`` column (``lr=0.1 batch=32``), so the table fits 80 columns.
+    """
+    varying = [
         p
-        for p in (*_PARAMS, "status")
-        if (p in _ALWAYS_SHOWN and not (p == "dataset" and dataset))
-        or len({repr(r.get(p)) for r in rows}) > 1
+        for p in _PARAMS
+        if p not in ("dataset", "optimizer", "seed") and len({repr(r.get(p)) for r in rows}) > 1
     ]
-    title = f"top {len(rows)} by {by}" + (f" on {dataset}" if dataset else "")
     table = Table(title=title)
-    for column in ("run", *params, by):
-        table.add_column(_LABELS.get(column, column), no_wrap=True)
+    table.add_column("run", no_wrap=True, justify="right")
+    if dataset:
+        table.add_column("dataset", overflow="fold")
+    table.add_column("optimizer", no_wrap=True)
+    if varying:
+        table.add_column("config", overflow="fold")
+    table.add_column("seed", no_wrap=True, justify="right")
+    table.add_column("status", no_wrap=True)
+    table.add_column(_LABELS.get(by, by), no_wrap=True, justify="right")
     for row in rows:
-        table.add_row(str(row["run_id"]), *(_fmt(row[p]) for p in params), _fmt(row[by]))
+        cells = [str(row["run_id"])]
+        if dataset:
+            cells.append(dataset_label(row["dataset"], labels))
+        cells.append(row["optimizer"])
+        if varying:
+            cells.append(
+                " ".join(
+                    f"{_LABELS.get(p, p)}={_fmt(row[p])}" for p in varying if row[p] is not None
+                )
+            )
+        color = _STATUS_COLORS.get(row["status"])
+        status = f"[{color}]{row['status']}[/{color}]" if color else row["status"]
+        table.add_row(*cells, _fmt(row["seed"]), status, _fmt(row[by]))
     return table
 
 

@@ -8,18 +8,19 @@ import sys
 
 import typer
 
-from cli import db, experiments, runs, sql, submit
+from cli import db, experiments, results, runs, sql, submit
 from service.exceptions import MlpqError
 
 app = typer.Typer(
     name="mlpq",
-    help="Submit grids of MLP training runs, train them on Celery workers, query results in SQL.",
+    help="Submit grids of MLP training runs, train them on Celery workers, query results in SQL. "
+    "Example: $ mlpq run examples/quickstart.yaml",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 app.add_typer(db.app, name="db")
-for module in (submit, runs, experiments, sql):
+for module in (submit, runs, experiments, results, sql):
     module.register(app)
 
 

@@ -47,6 +47,10 @@ def worker(
 
     Uses MLPQ_BROKER_URL and MLPQ_DATABASE_URL. Each worker process uses one BLAS
     thread; stale runs of dead workers are re-enqueued by every worker.
+
+    Example:
+
+        $ mlpq worker --concurrency 2
     """
     from service.settings import get_settings
     from worker.local import exec_worker
@@ -64,6 +68,10 @@ def cancel(
     """Cancel an experiment: queued runs never start; running runs stop at their next heartbeat.
 
     Cancelled runs keep the metrics written so far.
+
+    Example:
+
+        $ mlpq cancel quickstart
     """
     from service.store import cancel_experiment, get_experiment, session_scope
 
@@ -104,6 +112,10 @@ def retry(
     A stale run is one whose heartbeat is older than MLPQ_STALE_SECONDS: its
     worker died and its message may be lost. Running workers do this on their
     own every few seconds; --stale does it now.
+
+    Example:
+
+        $ mlpq retry quickstart --stale
     """
     from service.queue import make_app, publish_pending
     from service.settings import get_settings
@@ -156,6 +168,10 @@ def run(**options: Any) -> None:
     Waits until every run of the experiment is finished, then stops the local
     workers. Exit code 0 when the grid finished, whatever its runs' outcomes
     (failed runs are listed with their error); 130 when interrupted.
+
+    Example:
+
+        $ mlpq run examples/quickstart.yaml
     """
     from service.exceptions import GridError
     from service.results import read_engine
@@ -320,6 +336,11 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
         console=err_console,
         disable=not err_console.is_terminal,
     )
+    from rich.text import Text
+
+    from cli.output import PlainProgress
+
+    plain = PlainProgress(enabled=progress.disable)
     with progress:
         task = progress.add_task("runs", total=total, completed=done_at_start, detail="")
         current = first
@@ -334,6 +355,7 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
             parts.append(f"{rate:.1f} runs/s")
             detail = ", ".join(parts)
             progress.update(task, completed=done, total=sum(current.values()), detail=detail)
+            plain.update(done, sum(current.values()), Text.from_markup(detail).plain)
             if done == sum(current.values()):
                 break
             if workers is not None and not workers.alive():

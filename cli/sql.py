@@ -41,7 +41,7 @@ def sql(
     """Run one read-only SQL statement against the store and print its rows.
 
     Tables: experiments, runs, metrics, artifacts, datasets; views: run_summary,
-    experiment_progress. Nothing typed here can change the store: writes, DDL,
+    experiment_progress, run_groups. Nothing typed here can change the store: writes, DDL,
     ATTACH, PRAGMAs that write, COPY, SET and stacked statements are refused.
     stddev() and variance() work on SQLite as on PostgreSQL.
 

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.output import console as output_console
+
 if TYPE_CHECKING:
     from rich.progress import Progress
 
@@ -18,8 +20,8 @@ if TYPE_CHECKING:
 _INLINE = "Inline grid (instead of a file; a comma makes a list)"
 # Grids at least this big get progress bars.
 PROGRESS_MIN_RUNS = 2000
-# Runs shown by --dry-run.
-SAMPLE_ROWS = 12
+# Runs listed by --dry-run unless --limit says otherwise.
+DRY_RUN_ROWS = 50
 
 Opt = Annotated[str | None, typer.Option(rich_help_panel=_INLINE)]
 #: Inline options that are grid keys, in the order of the grid file's sections.
@@ -66,6 +68,9 @@ def submit(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate and show the runs; write and send nothing.")
     ] = False,
+    limit: Annotated[
+        int, typer.Option(min=1, help="Runs listed by --dry-run (the first ones of the grid).")
+    ] = DRY_RUN_ROWS,
     force: Annotated[
         bool, typer.Option("--force", help="Run configs again that already succeeded or diverged.")
     ] = False,
@@ -137,13 +142,17 @@ def submit(
     already succeeded (anywhere in the store) are skipped unless --force; queued
     or running ones are not duplicated; failed or cancelled ones of this
     experiment are queued again.
+
+    Example:
+
+        $ mlpq submit examples/quickstart.yaml --dry-run
     """
     from service.settings import get_settings
 
     options = locals()
     inline = {key: options[key] for key in INLINE_KEYS}
     settings = get_settings()
-    console = Console(stderr=True)
+    console = output_console(stderr=True)
     with _progress(console) as bar:
         grid = _read_grid(
             grid_file,
@@ -157,7 +166,7 @@ def submit(
         _warn_no_gradient(grid)
         if dry_run:
             bar.stop()
-            _show_dry_run(grid)
+            _show_dry_run(grid, limit=limit)
             return None
         report = _submit(grid, force=force, progress=bar)
     _show_report(report)
@@ -285,7 +294,7 @@ def _progress(console: Console) -> _Bar:
     return _Bar(console)
 
 
-def _cell(key: str, value: Any) -> str:
+def _cell(key: str, value: Any, labels: dict[str, str] | None = None) -> str:
     from service.grids import hidden_label
 
     if value is None:
@@ -293,14 +302,16 @@ def _cell(key: str, value: Any) -> str:
     if key == "hidden":
         return hidden_label(value) or "none"
     if key == "dataset" and str(value).startswith("csv:"):
-        return str(value)[:12] + "…"
+        return (labels or {}).get(str(value)) or str(value)[:12] + "…"
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
 
 
-def _show_dry_run(grid: Grid) -> None:
-    console = Console()
+def _show_dry_run(grid: Grid, *, limit: int = DRY_RUN_ROWS) -> None:
+    console = output_console()
+    # A CSV dataset by its file name, not by the content hash the runs store.
+    labels = {f"csv:{csv.sha256}": csv.name for csv in grid.datasets}
     n = len(grid.runs)
     by_optimizer: dict[str, list[dict[str, Any]]] = {}
     for run in grid.runs:
@@ -315,9 +326,7 @@ def _show_dry_run(grid: Grid) -> None:
                     varying.append(key)
             else:
                 fixed.setdefault(optimizer, {})[key] = configs[0][key]
-    picks = sorted(
-        {round(i * (n - 1) / max(1, SAMPLE_ROWS - 1)) for i in range(min(n, SAMPLE_ROWS))}
-    )
+    picks = range(min(n, limit))
     console.print(
         f"[bold]{grid.name}[/bold]: {n} run(s) from {grid.source} (dry run: nothing written)",
         highlight=False,
@@ -328,12 +337,14 @@ def _show_dry_run(grid: Grid) -> None:
         table.add_column(key)
     for i in picks:
         config = grid.runs[i].config
-        table.add_row(str(i + 1), *(_cell(k, config.get(k)) for k in varying))
+        table.add_row(str(i + 1), *(_cell(k, config.get(k), labels) for k in varying))
     console.print(table)
     for optimizer, values in fixed.items():
-        shown = ", ".join(f"{k}={_cell(k, v)}" for k, v in values.items() if k not in varying)
+        shown = ", ".join(
+            f"{k}={_cell(k, v, labels)}" for k, v in values.items() if k not in varying
+        )
         console.print(f"{optimizer}, in every run: {shown}", highlight=False)
-    notes = [f"{n} run(s)"]
+    notes = [f"{len(picks)} of {n} runs shown" + (" (--limit shows more)" if n > limit else "")]
     if grid.excluded:
         notes.append(f"{grid.excluded} excluded")
     if grid.duplicates:
@@ -344,7 +355,7 @@ def _show_dry_run(grid: Grid) -> None:
 
 
 def _show_report(report: SubmitReport) -> None:
-    console = Console()
+    console = output_console()
     parts = [f"{report.new} new"]
     if report.requeued:
         parts.append(f"{report.requeued} requeued (failed/cancelled)")
@@ -359,7 +370,7 @@ def _show_report(report: SubmitReport) -> None:
     )
     console.print(f"{report.published} message(s) published")
     if report.unsent:
-        Console(stderr=True).print(
+        output_console(stderr=True).print(
             f"[red]{report.unsent} run(s) queued but unsent[/red]: {report.publish_error}\n"
             f"They stay in the store; `mlpq submit` the same grid again or "
             f"`mlpq retry {report.experiment}` sends them.",

@@ -14,9 +14,14 @@ __all__, __getattr__, __dir__ = lazy_exports(
     {
         "reader": ("QueryError", "read_engine", "read_query", "reader_url"),
         "queries": (
+            "GROUPABLE",
             "RANKABLE",
+            "curves",
+            "dataset_labels",
             "experiment_datasets",
             "experiment_progress",
+            "group_leaderboard",
+            "group_leaderboard_sql",
             "leaderboard",
             "leaderboard_sql",
             "loss_curve",

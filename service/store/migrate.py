@@ -26,7 +26,7 @@ import migrations
 from service.exceptions import StoreError
 
 #: Views created by the migrations (autogenerate comparisons skip them).
-VIEWS: tuple[str, ...] = ("run_summary", "experiment_progress")
+VIEWS: tuple[str, ...] = ("run_summary", "experiment_progress", "run_groups")
 
 #: Folder of env.py and versions/, inside the installed ``migrations`` package.
 SCRIPT_LOCATION = Path(migrations.__file__).resolve().parent
