@@ -184,7 +184,7 @@ class WorkerProcess:
                 os.kill(pid, signal.SIGKILL)
 
 
-class MlpqWorker:
+class MlpqWorker(WorkerProcess):
     """`mlpq worker --concurrency N --hostname NAME@%h`, as a scaled container runs it."""
 
     def __init__(
@@ -193,40 +193,13 @@ class MlpqWorker:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        env = worker_env(**settings)
+        mlpq = str(Path(sys.executable).with_name("mlpq"))
         self.proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("mlpq")),
-                "worker",
-                "--concurrency",
-                str(concurrency),
-                "--hostname",
-                f"{name}@%h",
-            ],
-            env=env,
+            [mlpq, "worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h"],
+            env=worker_env(**settings),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def children(self) -> list[int]:
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        try:
-            return [int(p) for p in path.read_text().split()]
-        except OSError:
-            return []
-
     def claimed(self) -> set[int]:
         return {int(m) for m in re.findall(r"run (\d+): claimed by", self.log())}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
