@@ -218,7 +218,9 @@ def _warn_no_gradient(grid: Grid) -> None:
     hit = [
         i
         for i, run in enumerate(grid.runs, 1)
-        if run.config["optimizer"] == "backprop" and run.config.get("activation") in NO_GRADIENT
+        if run.config["optimizer"] == "backprop"
+        and run.config.get("activation") in NO_GRADIENT
+        and run.config.get("hidden")  # with no hidden layer the activation is unused
     ]
     if not hit:
         return

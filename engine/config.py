@@ -63,7 +63,7 @@ class TrainConfig:
     adapt_step: bool = False  # adapt sigma toward target_acceptance
     target_acceptance: float = 0.25  # acceptance rate the adaptation aims for
     candidates: int = 1  # proposals per iteration, evaluated in one batched pass
-    quantize: float = 0.0  # round every proposal's weights to multiples of this; 0 = off
+    quantize: float | None = None  # round every proposal's weights to multiples of this
 
     def __post_init__(self) -> None:
         for name, value in _validated(self).items():
@@ -94,11 +94,16 @@ class TrainConfig:
             owner = _OWNER.get(name)
             if owner is None or owner == self.optimizer:
                 value = getattr(self, name)
+                if value is None and name in ADDED_LATER:
+                    continue  # unset: the canonical dict (and its hash) is what it was before
                 out[name] = list(value) if name == "hidden" else value
         return out
 
 
 _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+#: Keys added after runs were first stored: left out of ``to_dict`` while unset, so the
+#: config hashes of runs that do not use them stay the same (re-submitting stays safe).
+ADDED_LATER: frozenset[str] = frozenset({"quantize"})
 #: The keys only one optimizer takes, in the order the grid files list them.
 OPTIMIZER_PARAMS: dict[str, tuple[str, ...]] = {
     "backprop": ("learning_rate", "batch_size", "momentum", "weight_decay", "lr_decay"),
@@ -235,7 +240,7 @@ _CHECKS: dict[str, Check] = {
     "adapt_step": _boolean,
     "target_acceptance": _ranged(_number, 0, 1, lo_open=True, hi_open=True),
     "candidates": _ranged(_integer, 1),
-    "quantize": _non_negative,
+    "quantize": _optional(_positive),
 }
 
 

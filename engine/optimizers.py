@@ -337,7 +337,7 @@ class RandomWalkOptimizer(Optimizer):
             sigma,
             self.rng,
             same_center=self._proposed == self.version,
-            quantize=cfg.quantize,
+            quantize=cfg.quantize or 0.0,
         )
         self._proposed = self.version
         losses = cands.losses()

@@ -37,7 +37,6 @@ def test_defaults_fill_in_and_to_dict_keeps_only_the_optimizers_keys() -> None:
         "adapt_step": False,
         "target_acceptance": 0.25,
         "candidates": 1,
-        "quantize": 0.0,
     }
     b = TrainConfig.from_dict({"dataset": "moons", "optimizer": "backprop"}).to_dict()
     assert {"learning_rate", "batch_size", "momentum", "weight_decay", "lr_decay"} <= set(b)
