@@ -23,6 +23,8 @@ from worker.reaper import Reaper  # noqa: E402
 app = make_app()
 app.conf.include = ["worker.tasks"]
 app.steps["worker"].add(Reaper)
+# An undecodable message is dropped with one log line, not a CRITICAL traceback.
+app.conf.worker_consumer = "worker.consumer:QuietConsumer"
 
 
 @worker_init.connect

@@ -34,14 +34,37 @@ _REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 4, 4, 4
 _REPR.maxstring = _REPR.maxlong = _REPR.maxother = 40
 
 
-def parse_run_id(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """The run id a train message carries, or None when its payload is anything else."""
+#: Most run ids one message may carry as a pack.
+MAX_PACK = 10_000
+
+
+def parse_run_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int] | None:
+    """The run ids a train message carries: one id, or a list of them (a pack).
+
+    None when the payload is anything else: not exactly one argument, keyword
+    arguments, an empty or oversized list, or an id that is not an integer from 1
+    to ``MAX_RUN_ID`` (bools, floats, strings, nested lists, 2**70 all fail).
+    """
     if kwargs or len(args) != 1:
         return None
-    run_id = args[0]
-    if isinstance(run_id, bool) or not isinstance(run_id, int):
+    value = args[0]
+    ids = value if isinstance(value, list) else [value]
+    if not 1 <= len(ids) <= MAX_PACK:
         return None
-    return run_id if 1 <= run_id <= MAX_RUN_ID else None
+    for run_id in ids:
+        if isinstance(run_id, bool) or not isinstance(run_id, int):
+            return None
+        if not 1 <= run_id <= MAX_RUN_ID:
+            return None
+    return ids
+
+
+def parse_run_id(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The run id a train message carries, or None when its payload is anything else."""
+    ids = parse_run_ids(args, kwargs)
+    if ids is None or isinstance(args[0], list):
+        return None
+    return ids[0]
 
 
 @app.task(name=TRAIN_TASK, bind=True, ignore_result=True, max_retries=None, typing=False)

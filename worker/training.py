@@ -374,14 +374,25 @@ class _ClaimedRun:
         by the claim. Waits grow from 0.1 s to 5 s; after ``MLPQ_STORE_RETRY_SECONDS``
         the last error is raised (``StoreLost``: the run is left to the reaper).
         """
-        deadline = time.monotonic() + self.settings.store_retry_seconds
+        started = time.monotonic()
+        deadline = started + self.settings.store_retry_seconds
         delay = 0.1
+        lost = False
         while True:
             try:
                 if self.conn.closed:  # the last reconnection found the store still down
                     self.conn = _connect(self.engine)
-                return write()
+                result = write()
+                if lost:
+                    log.info(
+                        "run %d: store reconnected; the %s stalled %.2fs",
+                        self.claim.run_id,
+                        what,
+                        time.monotonic() - started,
+                    )
+                return result
             except Exception as exc:
+                lost = True
                 if not connection_lost(exc):
                     raise
                 if time.monotonic() + delay > deadline:

@@ -12,6 +12,7 @@ silently; TOML refuses it too).
 from __future__ import annotations
 
 import json
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from yaml.events import AliasEvent
 from yaml.nodes import MappingNode
 
 from service.exceptions import GridError
+from service.grids.spec import short_repr
 
 #: Largest grid file read (a grid is a few kilobytes).
 MAX_GRID_BYTES = 1 << 20
@@ -70,7 +72,9 @@ class _GridLoader(yaml.SafeLoader):
             except TypeError:
                 continue  # an unhashable key: the base constructor says so
             if duplicate:
-                raise ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise ConstructorError(
+                    None, None, f"duplicate key {short_repr(key)}", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -88,7 +92,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(f"duplicate key {key!r}")
+            raise _DuplicateKey(f"duplicate key {short_repr(key)}")
         out[key] = value
     return out
 
@@ -147,6 +151,12 @@ def read_grid_file(path: Path) -> dict[str, Any]:
     return parse_grid_text(text, suffix, source)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 80 else line[:77] + "..."
+
+
 def parse_grid_text(text: str, suffix: str, source: str) -> dict[str, Any]:
     """The mapping ``text`` holds in the format of ``suffix``; GridError if it is not one."""
     if suffix in (".json", ".toml") and _bracket_depth(text, toml=suffix == ".toml") > MAX_DEPTH:
@@ -171,6 +181,13 @@ def parse_grid_text(text: str, suffix: str, source: str) -> dict[str, Any]:
         raise GridError(f"{source}: {line}invalid YAML: {problem}") from None
     except RecursionError:
         raise GridError(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # Python's bound on integer literals
+            raise GridError(
+                f"{source}: an integer of more than {sys.get_int_max_str_digits():,} digits; "
+                "integers in a grid are at most 2,147,483,647"
+            ) from None
+        raise GridError(f"{source}: invalid value: {_first_line(exc)}") from None
     if data is None:
         raise GridError(f"{source}: the file is empty; expected a grid (datasets, optimizers, ...)")
     if not isinstance(data, dict):

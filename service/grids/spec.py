@@ -100,6 +100,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+#: A repr of any value for an error message, built bounded (at most 60 characters).
+short_repr = _short
+
+
 def _float(value: Any, *, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
@@ -302,7 +306,10 @@ def format_path(path: tuple[str | int, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            name = str(part)
+            if len(name) > 40:  # a key is a word; a huge one is shown cut, not echoed whole
+                name = name[:37] + "..."
+            out += f".{name}" if out else name
     return out
 
 
@@ -321,6 +328,8 @@ def error_line(err: Mapping[str, Any]) -> tuple[tuple[str | int, ...], str]:
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
         bound = next(iter(ctx.values()))
         shown = f"{bound:g}" if isinstance(bound, int | float) else str(bound)
+        if isinstance(bound, int | float) and abs(bound) >= 1e6 and float(bound).is_integer():
+            shown = f"{int(bound):,}"
         return loc, f"must be {op} {shown}, got {got}"
     simple = {
         "string_type": "expected a string",
@@ -391,7 +400,7 @@ def unknown_key_message(model: type[BaseModel], key: str) -> str:
         for name, keys in OPTIMIZER_KEYS.items():
             if key in keys or key == BUDGET_KEY[name]:
                 hint = f" (a {name} parameter)"
-    if not hint:
+    if not hint and len(key) <= 64:  # difflib's cost grows with the key's length
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown key{hint}; expected one of {', '.join(allowed)}"
@@ -468,7 +477,8 @@ class TrainingSection(_Strict):
 class BudgetSection(_Strict):
     epochs: IntAxis | None = None  # backprop: passes over the training set
     iterations: IntAxis | None = None  # random walk: proposal rounds
-    time_limit: float | None = Field(None, gt=0)  # seconds per run
+    # Seconds per run: finite, at most what an int4 holds (the same bound as every integer).
+    time_limit: float | None = Field(None, gt=0, le=INT_MAX, allow_inf_nan=False)
 
 
 ZipGroups = list[Annotated[list[str], Field(min_length=2)]]
@@ -488,7 +498,7 @@ class _Block(_Strict):
     log_every: IntAxis | None = None
     target_loss: OptFloatAxis | None = None
     patience: OptIntAxis | None = None
-    time_limit: float | None = Field(None, gt=0)
+    time_limit: float | None = Field(None, gt=0, le=INT_MAX, allow_inf_nan=False)
     zip: ZipGroups = []
     exclude: ExcludeRules = []
     samples: int | None = Field(None, ge=1, le=MAX_SAMPLES)

@@ -105,6 +105,23 @@ CASES: list[tuple[str, str, tuple[str, ...]]] = [
         ("duplicate key 'name'",),
     ),
     ("dup.json", '{"seeds": 1, "seeds": 2}', ("duplicate key 'seeds'",)),
+    # Integer literals past Python's own digit bound fail inside the parsers themselves.
+    ("digits.yaml", "seeds: [" + "9" * 5000 + "]\n", ("4,300 digits",)),
+    ("digits.json", '{"seeds": [' + "9" * 5000 + "]}", ("4,300 digits",)),
+    ("digits.toml", "seeds = [" + "9" * 5000 + "]\n", ("4,300 digits",)),
+    ("date.yaml", "name: x\nwhen: 2020-13-45\n", ("invalid value", "month")),
+    (
+        "time_limit.yaml",
+        yaml.safe_dump(_with(("budget", "time_limit"), float("inf"))),
+        ("budget.time_limit", "finite"),
+    ),
+    (
+        "time_limit.json",
+        json.dumps(_with(("budget", "time_limit"), 1e300)),
+        ("budget.time_limit", "2,147,483,647"),
+    ),
+    # A huge unknown key is shown cut, and not compared with every known key at length.
+    ("key.json", json.dumps(BASE | {"k" * 500_000: 1}), ("kkk...: unknown key",)),
     (
         "huge.json",
         json.dumps(_with(("model", "hidden"), [[1_000_000, 1_000_000]])),

@@ -98,7 +98,21 @@ def test_terminated_store_connections_never_fail_a_run(cluster: Cluster, pg_stor
         np.testing.assert_allclose(
             _loss_series(cluster.engine, run_id), _reference_series(config), rtol=1e-9
         )
-    print(f"store faults: {terminator.killed} backends terminated, grid done in {elapsed:.1f}s")
+    print(
+        f"store faults: {terminator.killed} backends terminated, grid done in {elapsed:.1f}s; "
+        f"{_stalls(logs)}"
+    )
+
+
+def _stalls(logs: str) -> str:
+    """How long the runs' writes waited for the store, from the workers' reconnect lines."""
+    import re
+
+    stalls = sorted(float(s) for s in re.findall(r"stalled ([0-9.]+)s", logs))
+    if not stalls:
+        return "no write stalled"
+    median = stalls[len(stalls) // 2]
+    return f"{len(stalls)} writes stalled, median {median:.2f}s, longest {stalls[-1]:.2f}s"
 
 
 # -- a PostgreSQL server of the test's own, restarted mid-grid ------------------------------
@@ -198,6 +212,7 @@ def test_a_store_server_restart_mid_grid_fails_no_run(
             assert RunStatus(row.status) is RunStatus.succeeded, row.error
             assert row.attempt == 1
             _assert_steps_contiguous(cluster.engine, run_id, config["max_steps"])
-        print(f"store restart: server down {down:.2f}s, grid done")
+        assert "store reconnected" in logs
+        print(f"store restart: server down {down:.2f}s, grid done; {_stalls(logs)}")
     finally:
         cluster.close()

@@ -444,3 +444,33 @@ def test_a_queued_run_whose_message_the_broker_lost_is_sent_again_by_the_reaper(
     assert {RunStatus(r.status) for r in rows.values()} == {RunStatus.succeeded}
     assert all(r.attempt == 1 for r in rows.values())
     assert f"reaper: re-enqueued 2 run(s) {ids}" in worker.log()
+
+
+def test_a_message_whose_body_is_not_json_is_dropped_and_acked(
+    cluster: Cluster, redis_url: str
+) -> None:
+    import redis
+
+    from service.queue import QUEUE, TRAIN_TASK
+
+    worker = cluster.start_worker("w1", concurrency=1)
+    with cluster.app.producer_or_acquire() as producer:
+        for body in (b"{not json", b"\xff\xfe", b"[1, 2"):
+            producer.publish(
+                body,
+                routing_key=QUEUE,
+                serializer=None,
+                content_type="application/json",
+                content_encoding="utf-8",
+                headers={"task": TRAIN_TASK, "id": f"bad-{body[:2].hex()}", "lang": "py"},
+            )
+    (run_id,) = cluster.submit([TINY_BACKPROP])
+    row = cluster.wait_finished([run_id], timeout=60)[run_id]
+    assert RunStatus(row.status) is RunStatus.succeeded  # the worker went on
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: client.hlen("unacked") == 0, timeout=10, what="no unacked message")
+    assert client.llen(QUEUE) == 0
+    log = worker.log()
+    assert log.count("message dropped: its body cannot be decoded as application/json") == 3
+    assert "Traceback" not in log and "CRITICAL" not in log
+    assert worker.proc.poll() is None
