@@ -64,6 +64,14 @@ _OPAQUE = re.compile(
     r"|(?P<comment>--[^\n]*|/\*.*?\*/)",
     re.S,
 )
+# PostgreSQL also has escape strings, E'...', where a backslash escapes a quote (E'\'' is
+# one quote): read as plain strings they would end early and hide what follows them.
+_OPAQUE_PG = re.compile(
+    r"(?P<string>(?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\$(?P<tag>\w*)\$.*?\$(?P=tag)\$)"
+    r'|(?P<name>"(?:[^"]|"")*")'
+    r"|(?P<comment>--[^\n]*|/\*.*?\*/)",
+    re.S,
+)
 
 
 def _mask(match: re.Match[str]) -> str:
@@ -84,7 +92,7 @@ _CALL = re.compile(r"([A-Za-z_][\w$]*)\s*\(")
 _DENIED = {
     "sqlite": re.compile(r"load_extension|readfile|writefile|edit|fts3_tokenizer"),
     "postgresql": re.compile(
-        r"set_config|lo_\w+|lo(read|write)|dblink\w*|"
+        r"set_config|lo_\w+|lo(read|write)|dblink\w*|query_to_xml\w*|\w+_to_xml\w*|ts_stat|"
         r"pg_(read_\w+|ls_\w+|stat_file|terminate_backend|cancel_backend|reload_conf|"
         r"rotate_logfile|switch_wal|promote|notify|(try_)?advisory_\w+|create_\w+|drop_\w+|"
         r"backup_\w+|start_backup|stop_backup|wal_\w+|log_\w+|file_\w+|replication_\w+|"
@@ -96,7 +104,7 @@ _DENIED = {
 def check_statement(sql: str, dialect: str) -> str:
     """``sql`` without trailing ``;``, if it is one reading statement; else QueryError."""
     text = sql.strip()
-    blank = _OPAQUE.sub(_mask, text)
+    blank = (_OPAQUE_PG if dialect == "postgresql" else _OPAQUE).sub(_mask, text)
     if _UNCLOSED.search(blank):
         raise QueryError("sql: unterminated string, quoted name or comment")
     body = blank.rstrip().rstrip(";").rstrip()

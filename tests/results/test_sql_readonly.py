@@ -122,6 +122,10 @@ HOSTILE_POSTGRESQL = [
     "TRUNCATE metrics",
     "GRANT ALL ON runs TO PUBLIC",
     "PREPARE p AS DELETE FROM runs",
+    # An escape string hiding the calls after it from a reader that knows only '...'.
+    "SELECT E'\\'' AS q, set_config('role', 'root', true), "
+    "query_to_xml($x$SELECT pg_read_file('/etc/hostname')$x$, true, false, '') --'",
+    "SELECT query_to_xml('SELECT 1', true, false, '')",
 ]
 
 
