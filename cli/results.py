@@ -251,23 +251,11 @@ def info(
     if "dataset" in config:
         config["dataset"] = dataset_label(config["dataset"], labels)
     out.print("config: " + ", ".join(f"{k}={fmt(v)}" for k, v in config.items()))
-    results = [
-        (c, s[c])
-        for c in (
-            "final_train_loss",
-            "final_val_loss",
-            "best_val_loss",
-            "final_train_accuracy",
-            "final_val_accuracy",
-            "best_val_accuracy",
-            "final_val_r2",
-            "best_val_r2",
-            "iterations",
-            "evaluations",
-            "duration_seconds",
-        )
-        if s[c] is not None
-    ]
+    from service.store.models import SUMMARY_COLUMNS
+
+    # The summary columns, with run_summary's duration_seconds for runs.wall_seconds.
+    shown = [c for c in SUMMARY_COLUMNS if c != "wall_seconds"] + ["duration_seconds"]
+    results = [(c, s[c]) for c in shown if s[c] is not None]
     if results:
         out.print("summary: " + ", ".join(f"{c}={fmt(v)}" for c, v in results))
     if page["error"]:
