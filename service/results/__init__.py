@@ -2,8 +2,9 @@
 
 Owns the queries behind ``mlpq ls``, ``mlpq show`` and the leaderboards
 (``queries``), each one plain SQL over the store's tables and views that works
-as it is in ``mlpq sql`` on SQLite and PostgreSQL. Reads the store; never
-writes it, and knows nothing of grids or the queue.
+as it is in ``mlpq sql`` on SQLite and PostgreSQL, and the streamed file exports of
+``mlpq export`` (``export``). Reads the store; never writes it, and knows nothing
+of grids or the queue.
 """
 
 from service._exports import lazy_exports
@@ -12,6 +13,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     globals(),
     {
+        "export": ("ExportError", "ExportResult", "export_experiment"),
         "reader": ("QueryError", "read_engine", "read_query", "reader_url"),
         "queries": (
             "GROUPABLE",
