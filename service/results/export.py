@@ -6,10 +6,10 @@ transaction as ``mlpq_reader``) and written as they come, so ten million metric 
 export in bounded memory. Each path takes the fastest route that stays exact:
 
 * **metrics** (numbers only: ``run_id, step, *METRICS`` ordered by run and step):
-  on PostgreSQL, ``COPY (SELECT ...) TO STDOUT (FORMAT csv)``, written as it arrives
-  for CSV, and for Parquet parsed by pyarrow's CSV reader a few thousand rows at a
-  time; on SQLite, cursor batches through ``csv.writer`` or into Arrow record batches.
-  JSON lines are encoded row by row on both stores.
+  on PostgreSQL, ``COPY (SELECT ...) TO STDOUT``, written as it arrives for CSV and
+  for JSON lines (each line built by the server), and for Parquet parsed by pyarrow's
+  CSV reader a few thousand rows at a time; on SQLite, cursor batches through
+  ``csv.writer``, the JSON encoder or into Arrow record batches.
 * **runs** (the experiment's ``run_summary`` rows, one per run): cursor batches
   (a server-side cursor on PostgreSQL), each value converted the same way on both
   stores: timestamps as ISO 8601 in UTC.
@@ -134,7 +134,13 @@ def _metrics_sql(experiment_id: int, dialect: str, fmt: str) -> str:
 
     def column(name: str) -> str:
         if fmt == "jsonl" and dialect == "postgresql":
-            return f"CASE WHEN {name} IN ('NaN', 'Infinity', '-Infinity') THEN NULL ELSE {name} END"
+            # One JSON object per row, built by the server (numbers only: no text to
+            # escape, and COPY's text format changes none of it). A float's text is the
+            # shortest that reads back the same double (extra_float_digits), valid JSON.
+            return (
+                f"CASE WHEN {name} IS NULL OR {name} IN ('NaN', 'Infinity', '-Infinity') "
+                f"THEN 'null' ELSE {name}::text END"
+            )
         if fmt == "jsonl":  # SQLite has no NaN (it stores NULL); 9e999 reads as infinity
             return f"CASE {name} WHEN 9e999 THEN NULL WHEN -9e999 THEN NULL ELSE {name} END"
         if fmt == "csv" and dialect == "sqlite":  # PostgreSQL's spelling, as its COPY writes
@@ -144,9 +150,14 @@ def _metrics_sql(experiment_id: int, dialect: str, fmt: str) -> str:
             )
         return name
 
-    selected = ", ".join(
-        ["run_id", STEP, *(f"{column(m)} AS {m}" if column(m) != m else m for m in METRICS)]
-    )
+    if fmt == "jsonl" and dialect == "postgresql":
+        fields = [f"'\"{c}\":' || {c}" for c in ("run_id", STEP)]
+        fields += [f"'\"{m}\":' || {column(m)}" for m in METRICS]
+        selected = "'{' || " + " || ',' || ".join(fields) + " || '}'"
+    else:
+        selected = ", ".join(
+            ["run_id", STEP, *(f"{column(m)} AS {m}" if column(m) != m else m for m in METRICS)]
+        )
     # An int, never user text: COPY takes no bind parameters.
     return (
         f"SELECT {selected} FROM metrics "
@@ -186,9 +197,8 @@ class _Source:
             cursor.close()
 
     @contextmanager
-    def copy(self, sql: str, *, header: bool) -> Iterator[Any]:
-        """``COPY (sql) TO STDOUT (FORMAT csv)`` on PostgreSQL: its chunks of bytes."""
-        options = "FORMAT csv, HEADER" if header else "FORMAT csv"
+    def copy(self, sql: str, options: str) -> Iterator[Any]:
+        """``COPY (sql) TO STDOUT (options)`` on PostgreSQL: its rows, one chunk of bytes each."""
         with self.conn.cursor() as cursor, cursor.copy(f"COPY ({sql}) TO STDOUT ({options})") as cp:
             yield cp
 
@@ -458,13 +468,14 @@ def export_experiment(
 def _export_metrics(source: _Source, target: _Target, experiment_id: int, fmt: str) -> int:
     columns = list(metric_columns())
     sql = _metrics_sql(experiment_id, source.dialect, fmt)
-    if source.dialect == "postgresql" and fmt == "csv":
+    if source.dialect == "postgresql" and fmt in ("csv", "jsonl"):
+        header = fmt == "csv"
         rows = 0
-        with source.copy(sql, header=True) as copy:
+        with source.copy(sql, "FORMAT csv, HEADER" if header else "FORMAT text") as copy:
             for chunk in copy:
                 target.stream.write(chunk)
                 rows += 1
-        return max(rows - 1, 0)  # COPY sends one row per chunk, the header first
+        return max(rows - header, 0)  # COPY sends one row per chunk, the header first
     if fmt == "csv":
         return _write_csv(target.stream, columns, source.batches(sql))
     if fmt == "jsonl":
@@ -472,7 +483,7 @@ def _export_metrics(source: _Source, target: _Target, experiment_id: int, fmt: s
     assert target.path is not None
     schema = _arrow_schema(_metric_kinds())
     if source.dialect == "postgresql":
-        with source.copy(sql, header=False) as copy:
+        with source.copy(sql, "FORMAT csv") as copy:
             return _write_parquet(target.path, schema, _copy_arrow_tables(copy, schema))
     return _write_parquet(target.path, schema, _arrow_batches(schema, source.batches(sql)))
 
