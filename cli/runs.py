@@ -8,7 +8,6 @@ import shutil
 import signal
 import sys
 import time
-from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -192,8 +191,11 @@ def run(**options: Any) -> None:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     # The workers start first: their second of start-up overlaps creating the store and
     # submitting (the store's migration takes a lock; whoever comes second finds it done).
-    home_existed = settings.home.exists()
-    workers = _start_local_workers(concurrency, settings) if local else None
+    from cli.launch import take
+
+    early = take(concurrency, settings.home) if local else None  # started by cli.launch
+    home_existed = early[1] if early else settings.home.exists()
+    workers = early[0] if early else _start_local_workers(concurrency, settings) if local else None
     reader: Engine | None = None
     try:
         try:
@@ -248,12 +250,9 @@ def _new_embedded_store(settings: Any) -> bool:
 
 
 def _start_local_workers(concurrency: int, settings: Any) -> LocalWorkers:
-    from worker.local import LocalWorkers
+    from worker.local import LocalWorkers, log_file
 
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return LocalWorkers(
-        concurrency=concurrency, log_path=settings.home / "logs" / f"worker-{stamp}.log"
-    )
+    return LocalWorkers(concurrency=concurrency, log_path=log_file(settings.home))
 
 
 def _stop_local_workers(workers: LocalWorkers, reader: Engine) -> None:
