@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from cli import db, experiments, results, runs, sql, submit
+from cli import db, experiments, plots, results, runs, sql, submit
 from service.exceptions import MlpqError
 
 app = typer.Typer(
@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db.app, name="db")
-for module in (submit, runs, experiments, results, sql):
+for module in (submit, runs, experiments, results, plots, sql):
     module.register(app)
 
 
