@@ -66,6 +66,31 @@ def plot(
     )
 
 
+def report(
+    experiment: Annotated[str, typer.Argument(help="Experiment name or id.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="HTML file to write (one self-contained page).")
+    ] = Path("report.html"),
+) -> None:
+    """One HTML page comparing the methods: budgets, results, curves, leaderboard, failures.
+
+    Images are embedded; the page loads nothing from the network.
+
+    Example:
+
+        $ mlpq report compare -o compare.html
+    """
+    from service.results import read_engine
+    from service.results.plots import check_output, write_atomic
+    from service.results.report import build_report
+
+    check_output(output, ("html", "htm"))
+    page = build_report(read_engine(), experiment=experiment)
+    write_atomic(output, page.encode("utf-8"))
+    console().print(f"wrote {output} ({len(page) / 1e6:.1f} MB)", highlight=False, markup=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``mlpq plot`` and ``mlpq report`` to ``app``."""
     app.command("plot")(plot)
+    app.command("report")(report)

@@ -317,6 +317,7 @@ class Panel:
 
     title: str
     curves: list[Curve]
+    ylabel: str | None = None  # the figure's ylabel when None
 
 
 def _matplotlib() -> None:
@@ -366,8 +367,10 @@ def draw(
     labels = [c.label for p in panels for c in p.curves]
     colors = colors or color_map(labels)
     legend_rows = math.ceil(len(set(labels)) / min(3, max(1, len(set(labels)))))
+    # At least 9 inches wide: the title and the legend are laid out on the figure's width.
     figure = Figure(
-        figsize=(4.8 * columns, 3.6 * rows + 0.3 + 0.25 * legend_rows), layout="constrained"
+        figsize=(max(9.0, 4.8 * columns), 3.6 * rows + 0.3 + 0.25 * legend_rows),
+        layout="constrained",
     )
     axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.flat[len(panels) :]:
@@ -384,7 +387,7 @@ def draw(
         ax.set_title(panel.title, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.set_xlabel(xlabel, fontsize=9)
-        ax.set_ylabel(ylabel, fontsize=9)
+        ax.set_ylabel(panel.ylabel or ylabel, fontsize=9)
         ax.tick_params(labelsize=8)
         if log_y:
             ax.set_yscale("log")
