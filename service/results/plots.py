@@ -229,12 +229,14 @@ def aggregate(
     band: str = "minmax",
     ended: Iterable[int] = (),
     points: int = GRID_POINTS,
+    log_grid: bool = False,
 ) -> Curve | None:
     """The mean and band of ``runs`` (``{run_id: (x, y)}``); None when no run has a finite point.
 
     ``align``: put the runs on the union of their x values (steps); otherwise
     interpolate each run onto ``points`` evenly spaced x values over the group's range.
-    The runs of ``ended`` keep their last value past their last x.
+    The runs of ``ended`` keep their last value past their last x. ``log_grid``: space
+    the grid evenly on a log scale (for a log x axis), when the range is positive.
     """
     ended = set(ended)
     if band not in BANDS:
@@ -258,7 +260,12 @@ def aggregate(
     else:
         low = min(float(x[0]) for x, _ in clean.values())
         high = max(float(x[-1]) for x, _ in clean.values())
-        grid = np.linspace(low, high, points) if high > low else np.array([low])
+        if high <= low:
+            grid = np.array([low])
+        elif log_grid and low > 0:
+            grid = np.geomspace(low, high, points)
+        else:
+            grid = np.linspace(low, high, points)
         matrix = np.vstack(
             [
                 np.interp(grid, x, y, left=np.nan, right=y[-1] if run_id in ended else np.nan)
@@ -288,6 +295,7 @@ def group_curves(
     x_column: int | None,
     band: str,
     ended: Iterable[int] = (),
+    log_grid: bool = False,
 ) -> list[Curve]:
     """One Curve per group of ``groups`` (``{label: run ids}``) that has a finite point.
 
@@ -302,7 +310,14 @@ def group_curves(
             for i in ids
             if i in data
         }
-        curve = aggregate(label, runs, align=x == "step", band=band, ended=ended & set(runs))
+        curve = aggregate(
+            label,
+            runs,
+            align=x == "step",
+            band=band,
+            ended=ended & set(runs),
+            log_grid=log_grid,
+        )
         if curve is not None:
             curves.append(curve)
     return curves
@@ -353,6 +368,7 @@ def draw(
     xlabel: str,
     ylabel: str,
     log_y: bool = False,
+    log_x: bool = False,
     colors: dict[str, Any] | None = None,
     columns: int = 3,
     legend_title: str | None = None,
@@ -391,6 +407,8 @@ def draw(
         ax.tick_params(labelsize=8)
         if log_y:
             ax.set_yscale("log")
+        if log_x:
+            ax.set_xscale("log")
         if not panel.curves:
             ax.text(0.5, 0.5, "no values logged", ha="center", va="center", transform=ax.transAxes)
     figure.suptitle(title, fontsize=12)

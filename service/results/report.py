@@ -110,6 +110,8 @@ def esc(value: Any) -> str:
 def _num(value: float | None, digits: int = 4) -> str:
     if value is None or not math.isfinite(value):
         return "–"
+    if 1e4 <= abs(value) < 1e15:  # counts of evaluations: 16,001 rather than 1.6e+04
+        return f"{value:,.0f}"
     return f"{value:.{digits}g}"
 
 
@@ -370,40 +372,63 @@ def _curves(engine: Engine, runs: list[dict[str, Any]]) -> str:
         ("evaluations", "against forward evaluations"),
         ("seconds", "against wall time"),
     ):
-        panels = []
-        for network in _networks(runs):
-            groups = {
-                m: [r["run_id"] for r in runs if r["network"] == network and r["method"] == m]
-                for m in methods
-            }
-            groups = {m: ids for m, ids in groups.items() if ids}
-            curves = group_curves(
-                data,
-                groups,
-                x=x,
-                y_column=1,
-                x_column=columns.index(X_AXES[x]) + 1,
-                band="minmax",
-                ended=ended,
-            )
-            panels.append(Panel(network, curves))
+        panels = _loss_panels(runs, methods, data, columns, x=x, ended=ended)
         parts.append(f"<h3>Validation loss {esc(title)}</h3>")
-        if not any(p.curves for p in panels):
+        curves = [c for p in panels for c in p.curves]
+        if not curves:
             parts.append(f'<p class="note">No run has logged {esc(CURVE_METRIC)} yet.</p>')
             continue
-        log_y = use_log_scale(CURVE_METRIC, [c for p in panels for c in p.curves])
+        # Budgets far apart (one method's runs end 10x later): the shorter would be a sliver.
+        ends = [float(c.x[-1]) for c in curves if c.x[-1] > 0]
+        log_x = x == "evaluations" and bool(ends) and max(ends) > 10 * min(ends)
+        if log_x:
+            panels = _loss_panels(runs, methods, data, columns, x=x, ended=ended, log_grid=True)
+            curves = [c for p in panels for c in p.curves]
+        log_y = use_log_scale(CURVE_METRIC, curves)
         figure = draw(
             panels,
             title=f"{METRIC_LABELS[CURVE_METRIC]} {title}",
-            xlabel=X_LABELS[x],
+            xlabel=X_LABELS[x] + (" (log scale)" if log_x else ""),
             ylabel=METRIC_LABELS[CURVE_METRIC] + (" (log scale)" if log_y else ""),
             log_y=log_y,
+            log_x=log_x,
             colors=colors,
             legend_title="method (n = seeds per network)",
         )
         parts.append(_image(png_bytes(figure), f"validation loss {title}, per network"))
     parts.append(_walk(runs, data, columns))
     return "\n".join(parts)
+
+
+def _loss_panels(
+    runs: list[dict[str, Any]],
+    methods: list[str],
+    data: dict[int, np.ndarray],
+    columns: list[str],
+    *,
+    x: str,
+    ended: set[int],
+    log_grid: bool = False,
+) -> list[Panel]:
+    """A panel per network, a curve per method, of CURVE_METRIC against ``x``."""
+    panels = []
+    for network in _networks(runs):
+        groups = {
+            m: [r["run_id"] for r in runs if r["network"] == network and r["method"] == m]
+            for m in methods
+        }
+        curves = group_curves(
+            data,
+            {m: ids for m, ids in groups.items() if ids},
+            x=x,
+            y_column=columns.index(CURVE_METRIC) + 1,
+            x_column=columns.index(X_AXES[x]) + 1,
+            band="minmax",
+            ended=ended,
+            log_grid=log_grid,
+        )
+        panels.append(Panel(network, curves))
+    return panels
 
 
 def _walk(runs: list[dict[str, Any]], data: dict[int, np.ndarray], columns: list[str]) -> str:
