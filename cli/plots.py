@@ -63,6 +63,7 @@ def plot(
         f"{len(drawn.panels)} panel(s)",
         highlight=False,
         markup=False,
+        soft_wrap=True,  # a path is never broken across lines
     )
 
 
@@ -87,7 +88,9 @@ def report(
     check_output(output, ("html", "htm"))
     page = build_report(read_engine(), experiment=experiment)
     write_atomic(output, page.encode("utf-8"))
-    console().print(f"wrote {output} ({len(page) / 1e6:.1f} MB)", highlight=False, markup=False)
+    console().print(
+        f"wrote {output} ({len(page) / 1e6:.1f} MB)", highlight=False, markup=False, soft_wrap=True
+    )
 
 
 def register(app: typer.Typer) -> None:

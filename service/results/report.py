@@ -494,16 +494,18 @@ def _walk(runs: list[dict[str, Any]], data: dict[int, np.ndarray], columns: list
 # -- tables --------------------------------------------------------------------------------
 
 
-def _leaderboard(runs: list[dict[str, Any]]) -> str:
+def configuration_leaderboard(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``{dataset: rows}``: the succeeded runs' configurations ranked by mean best score.
+
+    A configuration is a network and a method (every setting but the seed); its score
+    is the best validation accuracy, else R², else (ascending) loss. Each row has
+    ``network``, ``method``, ``score``, ``n``, ``mean``, ``std`` (sample; None for one
+    run), ``loss`` (mean best validation loss) and ``evaluations`` (mean). The same
+    numbers as ``group_leaderboard`` grouped by those keys, with settings the store
+    has no column for (``quantize``) telling configurations apart too.
+    """
     done = [r for r in runs if r["status"] == "succeeded"]
-    head = (
-        "<h2>Leaderboard</h2>\n<p>Configurations (network and method: every setting but the "
-        "seed) ranked by their mean best validation score over seeds, succeeded runs only, "
-        f"the best {LEADERBOARD_ROWS} per dataset.</p>"
-    )
-    if not done:
-        return head + '\n<p class="note">No run has succeeded yet.</p>'
-    rows = []
+    board: dict[str, list[dict[str, Any]]] = {}
     for dataset in dict.fromkeys(r["dataset"] for r in done):
         here = [r for r in done if r["dataset"] == dataset]
         kind = _score_kind(here)
@@ -511,24 +513,50 @@ def _leaderboard(runs: list[dict[str, Any]]) -> str:
         groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in here:
             groups.setdefault((r["network"], r["method"]), []).append(r)
-        scored = []
+        rows = []
         for (network, method), members in groups.items():
             mean, std = _mean_std([m[column] for m in members])
-            if mean is not None:
-                scored.append((mean, std, network, method, members))
-        scored.sort(key=lambda s: -s[0] if kind else s[0])
-        rows.append(f"<tr><th colspan=8>{esc(here[0]['dataset_name'])}</th></tr>")
-        for rank, (mean, std, network, method, members) in enumerate(scored[:LEADERBOARD_ROWS], 1):
-            evals, _ = _mean_std([m["evaluations"] for m in members])
-            loss, _ = _mean_std([m["best_val_loss"] for m in members])
+            if mean is None:
+                continue
             rows.append(
-                f"<tr><td class=num>{rank}</td><td>{esc(network)}</td><td>{esc(method)}</td>"
-                f"<td class=num>{sum(m[column] is not None for m in members)}</td>"
-                f"<td>{esc(kind or 'loss')}</td>"
-                f"<td class=num>{esc(_num(mean))}"
-                + (f" ± {esc(f'{std:.2g}')}" if std is not None else "")
-                + f"</td><td class=num>{esc(_num(loss))}</td>"
-                f"<td class=num>{esc(_num(evals))}</td></tr>"
+                {
+                    "network": network,
+                    "method": method,
+                    "score": kind or "loss",
+                    "n": sum(m[column] is not None for m in members),
+                    "mean": mean,
+                    "std": std,
+                    "loss": _mean_std([m["best_val_loss"] for m in members])[0],
+                    "evaluations": _mean_std([m["evaluations"] for m in members])[0],
+                }
+            )
+        rows.sort(key=lambda row: (-row["mean"] if kind else row["mean"], -row["n"]))
+        board[dataset] = rows
+    return board
+
+
+def _leaderboard(runs: list[dict[str, Any]]) -> str:
+    head = (
+        "<h2>Leaderboard</h2>\n<p>Configurations (network and method: every setting but the "
+        "seed) ranked by their mean best validation score over seeds, succeeded runs only, "
+        f"the best {LEADERBOARD_ROWS} per dataset.</p>"
+    )
+    board = configuration_leaderboard(runs)
+    if not board:
+        return head + '\n<p class="note">No run has succeeded yet.</p>'
+    names = {r["dataset"]: r["dataset_name"] for r in runs}
+    rows = []
+    for dataset, ranked in board.items():
+        rows.append(f"<tr><th colspan=8>{esc(names[dataset])}</th></tr>")
+        for rank, row in enumerate(ranked[:LEADERBOARD_ROWS], 1):
+            spread = f" ± {row['std']:.2g}" if row["std"] is not None else ""
+            rows.append(
+                f"<tr><td class=num>{rank}</td><td>{esc(row['network'])}</td>"
+                f"<td>{esc(row['method'])}</td><td class=num>{row['n']}</td>"
+                f"<td>{esc(row['score'])}</td>"
+                f"<td class=num>{esc(_num(row['mean']) + spread)}</td>"
+                f"<td class=num>{esc(_num(row['loss']))}</td>"
+                f"<td class=num>{esc(_num(row['evaluations']))}</td></tr>"
             )
     return (
         head + "\n<table><thead><tr><th>#</th><th>network</th><th>method</th><th>n</th>"
