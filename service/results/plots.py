@@ -4,10 +4,11 @@ A group's runs (the seeds of one configuration, or whatever ``--group-by`` leave
 together) are put on one x grid and drawn as their mean with a band over the runs:
 min..max, or ± one sample standard deviation. Against ``step`` the runs are aligned
 on their logged steps; against forward evaluations or seconds each run is
-interpolated linearly onto a common grid of the group. A run that has ended
-(succeeded, stopped early, diverged, failed) keeps its last value up to the end of
-the group's longest run, so the mean does not jump where one seed stops; a run still
-going is not extended.
+interpolated linearly onto a common grid of the group. A succeeded run (one stopped
+early by patience, target_loss or time_limit too) keeps its final value up to the end
+of the group's longest run, so the mean does not jump where one seed stops; a run
+still going, failed, diverged or cancelled is drawn as far as it got, never extended
+(its last value is not where it ended up).
 
 Matplotlib is imported inside the drawing functions only, with the Agg backend
 (no display), so importing this module costs NumPy and nothing more.
@@ -72,8 +73,8 @@ METRIC_LABELS: dict[str, str] = {
     "temperature": "temperature T",
     "acceptance_rate": "acceptance rate (accepted / proposed)",
 }
-#: Statuses of runs that will log no more steps (their last value holds to the group's end).
-ENDED = frozenset({"succeeded", "failed", "diverged", "cancelled"})
+#: Statuses whose last logged value is the run's result: it holds to the group's end.
+ENDED = frozenset({"succeeded"})
 # Runs per IN (...) list: far below SQLite's bound on statement parameters.
 _IDS_PER_STATEMENT = 500
 

@@ -365,7 +365,7 @@ def _curves(engine: Engine, runs: list[dict[str, Any]]) -> str:
         head,
         f"<p>{esc(METRIC_LABELS[CURVE_METRIC].capitalize())} of each method on each network: "
         "the mean over seeds, with a band from the lowest to the highest seed "
-        f"({esc(BANDS['minmax'])}). A finished run keeps its last value to the end of "
+        f"({esc(BANDS['minmax'])}). A succeeded run keeps its final value to the end of "
         "its group's longest run.</p>",
     ]
     for x, title in (
