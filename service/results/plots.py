@@ -362,6 +362,13 @@ def use_log_scale(metric: str, curves: Iterable[Curve]) -> bool:
     return float(values.max() / values.min()) > 20
 
 
+def use_log_x(curves: Sequence[Curve]) -> bool:
+    """A log x axis when one group's runs end over 10x later than another's (budgets in
+    evaluations far apart): on a linear axis the shorter group would be a sliver."""
+    ends = [float(c.x[-1]) for c in curves if len(c.x) and c.x[-1] > 0]
+    return bool(ends) and max(ends) > 10 * min(ends)
+
+
 def draw(
     panels: Sequence[Panel],
     *,
@@ -550,16 +557,32 @@ def learning_curves(
         panels.setdefault(panel, {}).setdefault(labels[run["run_id"]], []).append(run["run_id"])
     x_column = None if x_metric == "step" else columns.index(x_metric) + 1
     ended = {r["run_id"] for r in runs if r["status"] in ENDED}
-    drawn = [
-        Panel(
-            title,
-            group_curves(data, groups, x=x, y_column=1, x_column=x_column, band=band, ended=ended),
-        )
-        for title, groups in panels.items()
-    ]
-    drawn = [p for p in drawn if p.curves]
+
+    def panels_of(log_grid: bool) -> list[Panel]:
+        drawn = [
+            Panel(
+                title,
+                group_curves(
+                    data,
+                    groups,
+                    x=x,
+                    y_column=1,
+                    x_column=x_column,
+                    band=band,
+                    ended=ended,
+                    log_grid=log_grid,
+                ),
+            )
+            for title, groups in panels.items()
+        ]
+        return [p for p in drawn if p.curves]
+
+    drawn = panels_of(False)
     if not drawn:
         raise PlotError(f"--x: no run of {exp.name!r} has logged {metric} with {x_metric}")
+    log_x = x == "evaluations" and use_log_x([c for p in drawn for c in p.curves])
+    if log_x:
+        drawn = panels_of(True)
     curves = [c for p in drawn for c in p.curves]
     log_y = use_log_scale(metric, curves)
     grouped = ", ".join(group_by) if group_by else "configuration (all but the seed)"
@@ -567,9 +590,10 @@ def learning_curves(
         drawn,
         title=f"{exp.name}: {METRIC_LABELS[metric]}, mean over runs by {grouped}; "
         f"band: {BANDS[band]}",
-        xlabel=X_LABELS[x],
+        xlabel=X_LABELS[x] + (" (log scale)" if log_x else ""),
         ylabel=METRIC_LABELS[metric] + (" (log scale)" if log_y else ""),
         log_y=log_y,
+        log_x=log_x,
         legend_title=grouped,
     )
     return CurvePlot(figure, drawn, len({i for c in curves for i in c.run_ids}), log_y)

@@ -43,6 +43,7 @@ from service.results.plots import (
     png_bytes,
     series,
     use_log_scale,
+    use_log_x,
     value_text,
 )
 
@@ -378,9 +379,7 @@ def _curves(engine: Engine, runs: list[dict[str, Any]]) -> str:
         if not curves:
             parts.append(f'<p class="note">No run has logged {esc(CURVE_METRIC)} yet.</p>')
             continue
-        # Budgets far apart (one method's runs end 10x later): the shorter would be a sliver.
-        ends = [float(c.x[-1]) for c in curves if c.x[-1] > 0]
-        log_x = x == "evaluations" and bool(ends) and max(ends) > 10 * min(ends)
+        log_x = x == "evaluations" and use_log_x(curves)
         if log_x:
             panels = _loss_panels(runs, methods, data, columns, x=x, ended=ended, log_grid=True)
             curves = [c for p in panels for c in p.curves]
