@@ -2,10 +2,10 @@
 
 Owns the queries behind ``mlpq ls``, ``mlpq show`` and the leaderboards
 (``queries``), each one plain SQL over the store's tables and views that works
-as it is in ``mlpq sql`` on SQLite and PostgreSQL; the learning curves of
-``mlpq plot`` (``plots``) and the HTML page of ``mlpq report`` (``report``),
-which import matplotlib only when they draw. Reads the store; never writes it,
-and knows nothing of grids or the queue.
+as it is in ``mlpq sql`` on SQLite and PostgreSQL; learning curves over seeds
+as data (``curves``), their figures for ``mlpq plot`` (``plots``, matplotlib
+imported only when drawing) and the HTML page of ``mlpq report`` (``report``).
+Reads the store; never writes it, and knows nothing of grids or the queue.
 """
 
 from service._exports import lazy_exports

@@ -25,26 +25,28 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 
-from service.results.plots import (
+from service.results.curves import (
     BANDS,
     ENDED,
-    METRIC_LABELS,
     X_AXES,
-    X_LABELS,
-    Panel,
-    color_map,
     dataset_name,
-    draw,
     experiment_runs,
     find_experiment,
     group_curves,
     method_labels,
     network_label,
-    png_bytes,
     series,
+    value_text,
+)
+from service.results.plots import (
+    METRIC_LABELS,
+    X_LABELS,
+    Panel,
+    color_map,
+    draw,
+    png_bytes,
     use_log_scale,
     use_log_x,
-    value_text,
 )
 
 #: The optimizers in the order the page lists them; others follow by name.
