@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from cli import db, experiments, model, results, runs, sql, submit
+from cli import db, experiments, model, plots, results, runs, sql, submit
 from service.exceptions import MlpqError
 
 app = typer.Typer(
@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db.app, name="db")
-for module in (submit, runs, experiments, results, model, sql):
+for module in (submit, runs, experiments, results, model, plots, sql):
     module.register(app)
 
 
