@@ -3,7 +3,7 @@
 Owns the queries behind ``mlpq ls``, ``mlpq show`` and the leaderboards
 (``queries``), each one plain SQL over the store's tables and views that works
 as it is in ``mlpq sql`` on SQLite and PostgreSQL; learning curves over seeds
-as data (``curves``), their figures for ``mlpq plot`` (``plots``, matplotlib
+as data (``curve_groups``), their figures for ``mlpq plot`` (``plots``, matplotlib
 imported only when drawing) and the HTML page of ``mlpq report`` (``report``).
 Reads the store; never writes it, and knows nothing of grids or the queue.
 """

@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 
 from engine.metrics import METRICS
 from service.exceptions import MlpqError
-from service.results.curves import (
+from service.results.curve_groups import (
     BANDS,
     ENDED,
     X_AXES,

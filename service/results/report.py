@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 
-from service.results.curves import (
+from service.results.curve_groups import (
     BANDS,
     ENDED,
     X_AXES,

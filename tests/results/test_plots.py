@@ -239,7 +239,7 @@ def test_group_by_draws_one_line_per_group_with_mean_and_band_over_seeds(filled:
 
 
 def test_curves_interpolate_onto_a_common_grid_and_ended_runs_hold_their_last_value() -> None:
-    from service.results.curves import aggregate
+    from service.results.curve_groups import aggregate
 
     runs = {
         1: (np.array([0.0, 10.0]), np.array([0.0, 10.0])),
@@ -339,7 +339,7 @@ def test_report_compares_the_methods_in_one_self_contained_page(filled: Engine) 
 
 def test_report_leaderboard_matches_the_group_leaderboard(filled: Engine) -> None:
     from service.results import group_leaderboard
-    from service.results.curves import experiment_runs, find_experiment, method_labels
+    from service.results.curve_groups import experiment_runs, find_experiment, method_labels
     from service.results.report import configuration_leaderboard
 
     runs = experiment_runs(filled, experiment_id=find_experiment(filled, "cmp").id)
