@@ -24,7 +24,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 # Seconds between two looks at the store while `mlpq run` waits.
-POLL_SECONDS = 0.1
+#: Polling of the store while a grid trains: every POLL_MIN_SECONDS at first (a short
+#: grid's end is seen at once), slowing to POLL_MAX_SECONDS over the first seconds.
+POLL_MIN_SECONDS, POLL_MAX_SECONDS = 0.02, 0.25
 # Seconds local workers get to hand back their runs in progress (or finish the last ones
 # of other experiments) when `mlpq run` stops them with work pending.
 INTERRUPT_GRACE_SECONDS = 10.0
@@ -363,7 +365,8 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
                     f"run: the local workers exited (code {workers.proc.returncode}) with "
                     f"{sum(current.values()) - done} run(s) unfinished; log: {workers.log_path}"
                 )
-            time.sleep(POLL_SECONDS)
+            elapsed = time.monotonic() - start
+            time.sleep(min(POLL_MAX_SECONDS, POLL_MIN_SECONDS + elapsed / 20))
             current = counts()
     if not progress.disable:
         return

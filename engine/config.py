@@ -19,9 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.datasets import DATASET_TASKS, DATASETS, TASKS
 from engine.errors import ConfigError
-from engine.functions import ACTIVATIONS
+from engine.names import ACTIVATION_NAMES, DATASET_TASKS, DATASETS, TASKS
 
 #: The optimization methods, in the order the docs list them.
 OPTIMIZERS: tuple[str, ...] = ("backprop", "random_walk")
@@ -220,7 +219,7 @@ _CHECKS: dict[str, Check] = {
     "target": _optional(_string),
     "task": _optional(_choice(TASKS)),
     "hidden": _hidden,
-    "activation": _choice(tuple(ACTIVATIONS)),
+    "activation": _choice(ACTIVATION_NAMES),
     "optimizer": _choice(OPTIMIZERS),
     "seed": _ranged(_integer, 0),
     "max_steps": _ranged(_integer, 1),

@@ -35,7 +35,7 @@ from sqlalchemy import Connection, Engine, func, insert, select, text, update
 from service.exceptions import BrokerError
 from service.grids import Grid, hidden_label
 from service.queue.names import QUEUE, TRAIN_TASK
-from service.store import Experiment, Run, RunStatus, reset_runs, store_dataset, utcnow
+from service.store import Experiment, Run, RunStatus, reset_runs, utcnow
 
 try:
     import fcntl
@@ -475,8 +475,11 @@ def _store(
     Returns the report so far, the ids of the runs queued now (new, forced,
     requeued) and the ids of runs already queued whose message was never sent.
     """
-    for csv in grid.datasets:
-        store_dataset(conn, csv.name, csv.data)
+    if grid.datasets:
+        from service.store import store_dataset  # the ingest module (NumPy): CSV grids only
+
+        for csv in grid.datasets:
+            store_dataset(conn, csv.name, csv.data)
     experiment_id, created = _experiment(conn, grid)
     report = SubmitReport(experiment_id, grid.name, created, total=len(grid.runs))
     existing = _existing(conn, (r.config_hash for r in grid.runs))

@@ -400,3 +400,19 @@ def test_an_evaluation_budget_too_small_for_a_block_names_the_key(tmp_path: Path
         grid_of(tmp_path, text)
     grid = inline_grid({"dataset": "moons", "evaluations": "50"}, optimizers="backprop,random_walk")
     assert [r.config["max_steps"] for r in grid.runs] == [49, 49]
+
+
+def test_reading_and_checking_a_grid_does_not_import_numpy() -> None:
+    """The CLI's side of submit stays free of NumPy (a fifth of `mlpq run`'s start-up)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from service.grids import load_grid; "
+        f"grid = load_grid({str(EXAMPLES / 'compare.yaml')!r}); "
+        "assert len(grid) == 60, len(grid); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'sklearn')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
