@@ -39,3 +39,17 @@ ACTIVATION_NAMES: tuple[str, ...] = (
 #: Hidden activations whose derivative is zero wherever it exists: backprop through
 #: them trains only the output layer (the chain rule gives the hidden layers nothing).
 NO_GRADIENT = frozenset({"step", "sign"})
+
+#: Built-in datasets' shapes: (samples, input features, output units).
+DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
+    "xor": (200, 2, 1),
+    "moons": (400, 2, 1),
+    "circles": (400, 2, 1),
+    "spirals": (300, 2, 3),
+    "blobs": (400, 2, 4),
+    "sine": (400, 1, 1),
+    "iris": (150, 4, 3),
+    "wine": (178, 13, 3),
+    "breast_cancer": (569, 30, 1),
+    "digits": (1797, 64, 10),
+}
