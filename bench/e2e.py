@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-MLPQ = [sys.executable, "-c", "import sys; from cli.main import entry; sys.exit(entry())"]
+MLPQ = [sys.executable, "-c", "import sys; from cli.launch import entry; sys.exit(entry())"]
 PG_URL = os.environ.get("MLPQ_BENCH_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("MLPQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 

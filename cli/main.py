@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from cli import db, experiments, export, results, runs, sql, submit
+from cli import db, experiments, export, model, plots, results, runs, sql, submit
 from service.exceptions import MlpqError
 
 app = typer.Typer(
@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db.app, name="db")
-for module in (submit, runs, experiments, results, sql, export):
+for module in (submit, runs, experiments, results, model, plots, sql, export):
     module.register(app)
 
 
@@ -31,6 +31,8 @@ def entry() -> None:
     about 0.2 s, a tenth of a short `mlpq run`. Everything the command wrote is committed
     or flushed by then; the output streams are flushed here.
     """
+    from cli.launch import discard
+
     code = 0
     try:
         main()
@@ -39,6 +41,7 @@ def entry() -> None:
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
     finally:
+        discard()  # workers cli.launch started for a command that did not take them
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()

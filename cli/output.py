@@ -7,14 +7,20 @@ code, not only the colours.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from datetime import date, datetime
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from rich.console import Console
+
+from service.exceptions import MlpqError
 
 
 def console(*, stderr: bool = False) -> Console:
@@ -35,6 +41,39 @@ def _default(value: Any) -> Any:
 def print_json(data: Any) -> None:
     """``data`` as JSON on stdout (datetimes as ISO 8601), for ``--json``."""
     sys.stdout.write(json.dumps(data, default=_default, indent=2) + "\n")
+
+
+class OutputError(MlpqError):
+    """An output file cannot be written where the user asked."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """A file object writing beside ``path``, renamed onto it only when the block succeeds.
+
+    A failed or interrupted command never leaves a half-written file behind,
+    and an existing file is replaced in one step.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"-o {path}: is a directory; expected a file path")
+    if not target.parent.is_dir():
+        raise OutputError(f"-o {path}: no directory {str(target.parent)!r}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    except OSError as exc:
+        raise OutputError(f"-o {path}: cannot write there ({exc.strerror})") from None
+    try:
+        kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+        with open(fd, mode, **kwargs) as out:
+            yield out
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def fmt(value: Any) -> str:

@@ -8,7 +8,6 @@ import shutil
 import signal
 import sys
 import time
-from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -25,7 +24,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 # Seconds between two looks at the store while `mlpq run` waits.
-POLL_SECONDS = 0.1
+#: Polling of the store while a grid trains: every POLL_MIN_SECONDS at first (a short
+#: grid's end is seen at once), slowing to POLL_MAX_SECONDS over the first seconds.
+POLL_MIN_SECONDS, POLL_MAX_SECONDS = 0.02, 0.25
 # Seconds local workers get to hand back their runs in progress (or finish the last ones
 # of other experiments) when `mlpq run` stops them with work pending.
 INTERRUPT_GRACE_SECONDS = 10.0
@@ -192,8 +193,11 @@ def run(**options: Any) -> None:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     # The workers start first: their second of start-up overlaps creating the store and
     # submitting (the store's migration takes a lock; whoever comes second finds it done).
-    home_existed = settings.home.exists()
-    workers = _start_local_workers(concurrency, settings) if local else None
+    from cli.launch import take
+
+    early = take(concurrency, settings.home) if local else None  # started by cli.launch
+    home_existed = early[1] if early else settings.home.exists()
+    workers = early[0] if early else _start_local_workers(concurrency, settings) if local else None
     reader: Engine | None = None
     try:
         try:
@@ -248,12 +252,9 @@ def _new_embedded_store(settings: Any) -> bool:
 
 
 def _start_local_workers(concurrency: int, settings: Any) -> LocalWorkers:
-    from worker.local import LocalWorkers
+    from worker.local import LocalWorkers, log_file
 
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return LocalWorkers(
-        concurrency=concurrency, log_path=settings.home / "logs" / f"worker-{stamp}.log"
-    )
+    return LocalWorkers(concurrency=concurrency, log_path=log_file(settings.home))
 
 
 def _stop_local_workers(workers: LocalWorkers, reader: Engine) -> None:
@@ -364,7 +365,8 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
                     f"run: the local workers exited (code {workers.proc.returncode}) with "
                     f"{sum(current.values()) - done} run(s) unfinished; log: {workers.log_path}"
                 )
-            time.sleep(POLL_SECONDS)
+            elapsed = time.monotonic() - start
+            time.sleep(min(POLL_MAX_SECONDS, POLL_MIN_SECONDS + elapsed / 20))
             current = counts()
     if not progress.disable:
         return

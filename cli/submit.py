@@ -38,6 +38,7 @@ INLINE_KEYS: tuple[str, ...] = (
     "epochs",
     "iterations",
     "time_limit",
+    "evaluations",
     "learning_rate",
     "batch_size",
     "momentum",
@@ -109,6 +110,13 @@ def submit(
     ] = None,
     time_limit: Annotated[
         str | None, typer.Option(help="Seconds per run.", rich_help_panel=_INLINE)
+    ] = None,
+    evaluations: Annotated[
+        str | None,
+        typer.Option(
+            help="Forward evaluations per run, the same budget for every optimizer.",
+            rich_help_panel=_INLINE,
+        ),
     ] = None,
     seeds: Annotated[
         str | None, typer.Option(help="Number of seeds: 3 means 0,1,2.", rich_help_panel=_INLINE)

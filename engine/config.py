@@ -19,9 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.datasets import DATASET_TASKS, DATASETS, TASKS
 from engine.errors import ConfigError
-from engine.functions import ACTIVATIONS
+from engine.names import ACTIVATION_NAMES, DATASET_TASKS, DATASETS, TASKS
 
 #: The optimization methods, in the order the docs list them.
 OPTIMIZERS: tuple[str, ...] = ("backprop", "random_walk")
@@ -44,6 +43,7 @@ class TrainConfig:
     optimizer: str  # "backprop" or "random_walk"
     seed: int = 0  # drives the data, the split, the initial weights and training
     max_steps: int = 100  # epochs for backprop, iterations for random walk
+    max_evaluations: int | None = None  # stop before a step would pass this many evaluations
     dtype: str = "float64"  # float32 or float64 for data, weights and arithmetic
     val_fraction: float = 0.2  # share of the samples held out for validation
     log_every: int = 1  # emit a metrics record every this many steps (and at the last)
@@ -103,7 +103,7 @@ class TrainConfig:
 _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 #: Keys added after runs were first stored: left out of ``to_dict`` while unset, so the
 #: config hashes of runs that do not use them stay the same (re-submitting stays safe).
-ADDED_LATER: frozenset[str] = frozenset({"quantize"})
+ADDED_LATER: frozenset[str] = frozenset({"quantize", "max_evaluations"})
 #: The keys only one optimizer takes, in the order the grid files list them.
 OPTIMIZER_PARAMS: dict[str, tuple[str, ...]] = {
     "backprop": ("learning_rate", "batch_size", "momentum", "weight_decay", "lr_decay"),
@@ -219,10 +219,11 @@ _CHECKS: dict[str, Check] = {
     "target": _optional(_string),
     "task": _optional(_choice(TASKS)),
     "hidden": _hidden,
-    "activation": _choice(tuple(ACTIVATIONS)),
+    "activation": _choice(ACTIVATION_NAMES),
     "optimizer": _choice(OPTIMIZERS),
     "seed": _ranged(_integer, 0),
     "max_steps": _ranged(_integer, 1),
+    "max_evaluations": _optional(_ranged(_integer, 2)),
     "dtype": _choice(DTYPES),
     "val_fraction": _ranged(_number, 0, 1, lo_open=True, hi_open=True),
     "log_every": _ranged(_integer, 1),
@@ -244,6 +245,28 @@ _CHECKS: dict[str, Check] = {
 }
 
 
+def passes_per_step(config: Mapping[str, Any]) -> int:
+    """Training-set passes one step of ``config`` costs: 1 an epoch, ``candidates`` an iteration."""
+    if config["optimizer"] == "random_walk":
+        return int(config.get("candidates", 1))
+    return 1
+
+
+def steps_within(max_evaluations: int, config: Mapping[str, Any]) -> int:
+    """The steps ``config`` can take within ``max_evaluations`` (after the initial evaluation).
+
+    Raises ConfigError when not even one step fits.
+    """
+    steps = (max_evaluations - 1) // passes_per_step(config)
+    if steps < 1:
+        raise ConfigError(
+            "max_evaluations",
+            f"{max_evaluations} leaves no step: one costs {passes_per_step(config)} "
+            "evaluation(s) after the initial one",
+        )
+    return steps
+
+
 def _validated(config: TrainConfig) -> dict[str, Any]:
     """Check every field of ``config``; return the normalized values."""
     values: dict[str, Any] = {}
@@ -263,4 +286,6 @@ def _validated(config: TrainConfig) -> dict[str, Any]:
         values["task"] = None  # canonical: a built-in's own task is implied
     elif not values["target"]:
         raise ConfigError("target", f"required for csv dataset {dataset}")
+    if values["max_evaluations"] is not None:
+        steps_within(values["max_evaluations"], values)
     return values

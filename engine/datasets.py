@@ -28,23 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import ConfigError
+from engine.names import DATASET_TASKS, DATASETS, TASKS
 
-TASKS: tuple[str, ...] = ("multiclass", "binary", "regression")
+__all__ = ["DATASETS", "DATASET_TASKS", "TASKS", "Dataset", "csv_name", "load_dataset", "stream"]
 
-#: Built-in datasets and their task.
-DATASET_TASKS: dict[str, str] = {
-    "xor": "binary",
-    "moons": "binary",
-    "circles": "binary",
-    "spirals": "multiclass",
-    "blobs": "multiclass",
-    "sine": "regression",
-    "iris": "multiclass",
-    "wine": "multiclass",
-    "breast_cancer": "binary",
-    "digits": "multiclass",
-}
-DATASETS: tuple[str, ...] = tuple(DATASET_TASKS)
 
 #: A CSV integer target with at most this many distinct values (and fewer
 #: distinct values than half the rows) is taken as class labels.

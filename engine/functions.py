@@ -123,9 +123,6 @@ def inplace_softmax(Z: np.ndarray) -> None:
 #: input) passes through them unchanged, so it need not be written again.
 KEEP_ONES = frozenset({"relu", "leaky_relu", "identity", "step", "sign"})
 
-#: Hidden activations whose derivative is zero wherever it exists: backprop through
-#: them trains only the output layer (the chain rule gives the hidden layers nothing).
-NO_GRADIENT = frozenset({"step", "sign"})
 
 ACTIVATIONS: dict[str, Callable[[np.ndarray], None]] = {
     "relu": inplace_relu,

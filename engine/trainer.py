@@ -70,7 +70,7 @@ class TrainResult:
     """What a run produced.
 
     outcome : "succeeded" or "diverged"
-    stop_reason : "max_steps", "target_loss", "patience", "diverged", or
+    stop_reason : "max_steps", "max_evaluations", "target_loss", "patience", "diverged", or
         "stopped" when the caller broke off before the run ended
     weights : npz bytes, arrays ``W0, b0, W1, b1, ...`` and a 0-d unicode
         array ``config`` (JSON of ``config.to_dict()``); also ``meta`` (JSON:
@@ -168,7 +168,10 @@ class Trainer:
         if opt.diverged:
             self._stop_reason = "diverged"
             return self._record(info, None)
-        due = self.step % cfg.log_every == 0 or self.step >= cfg.max_steps
+        spent = cfg.max_evaluations is not None and (
+            self._evaluations + opt.passes_per_step > cfg.max_evaluations
+        )
+        due = self.step % cfg.log_every == 0 or self.step >= cfg.max_steps or spent
         train = None
         if due or cfg.patience is not None or cfg.target_loss is not None:
             train = opt.train_eval(True) if self._shared_val and due else opt.train_eval()
@@ -181,7 +184,9 @@ class Trainer:
                 self._stop_reason = "target_loss"
             elif cfg.patience is not None and self._since_best >= cfg.patience:
                 self._stop_reason = "patience"
-        if self._stop_reason is None and self.step >= cfg.max_steps:
+        if self._stop_reason is None and spent:
+            self._stop_reason = "max_evaluations"
+        elif self._stop_reason is None and self.step >= cfg.max_steps:
             self._stop_reason = "max_steps"
         if self._stop_reason is not None and not math.isfinite(train[0]):
             # The run ends on parameters with a non-finite loss: that is divergence.

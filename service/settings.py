@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # and a message already handed to it waits for its successor); at 1,000, tiny runs
     # lost a tenth of their throughput to it.
     worker_max_tasks_per_child: int = Field(20_000, ge=1)
+    # Estimated training seconds one message carries: short runs share a message up to
+    # this (engine.cost estimates each run from its config); 0 = one run per message.
+    pack_seconds: float = Field(0.2, ge=0, le=3600)
     # Seconds between polls of the embedded filesystem queue (kombu's default of 1 s is slow).
     polling_interval: float = Field(0.01, gt=0)
     # Seconds a running run keeps reconnecting to a store whose connection dropped before

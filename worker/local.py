@@ -16,9 +16,12 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.queue.names import TRAIN_TASK
-from service.settings import Settings
+
+if TYPE_CHECKING:  # importing the settings (pydantic) costs `mlpq run` a tenth of a second
+    from service.settings import Settings
 
 #: The app module celery loads (``celery -A``).
 APP_MODULE = "worker.app"
@@ -53,6 +56,13 @@ def exec_worker(*, concurrency: int, loglevel: str = "INFO", hostname: str | Non
     """Replace this process by a Celery worker (signals then reach celery directly)."""
     argv = worker_command(concurrency=concurrency, loglevel=loglevel, hostname=hostname)
     os.execve(sys.executable, argv, worker_environment())
+
+
+def log_file(home: Path) -> Path:
+    """Where local workers started now log: ``<home>/logs/worker-<date>-<time>.log``."""
+    from datetime import datetime
+
+    return home / "logs" / f"worker-{datetime.now().strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def _stop_with_parent() -> None:

@@ -1,6 +1,7 @@
 """The Celery tasks. Thin, like web views: take an id, re-fetch state, call the service.
 
-Every message carries only a run id; everything else is read from SQL, so a
+Every message carries only a run id, or a pack of them (short runs share a message,
+``service.queue.packing``); everything else is read from SQL, so a
 message delivered twice, late, or after a cancel does no harm (the claim in
 ``service.store.runs.claim_run`` decides).
 """
@@ -59,53 +60,65 @@ def parse_run_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int] | 
     return ids
 
 
-def parse_run_id(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """The run id a train message carries, or None when its payload is anything else."""
-    ids = parse_run_ids(args, kwargs)
-    if ids is None or isinstance(args[0], list):
-        return None
-    return ids[0]
-
-
 @app.task(name=TRAIN_TASK, bind=True, ignore_result=True, max_retries=None, typing=False)
 def train(self: Task, *args: Any, **kwargs: Any) -> str:
-    """Train the run whose id the message carries (claim, train, store); what became of it.
+    """Train the run, or each run of the pack, the message carries (claim, train, store).
 
-    A malformed payload (not exactly one run id, an integer from 1 to 2**31 - 1) is
-    dropped with one log line, and acknowledged: no retry could make it valid.
+    Each run of a pack is claimed and finished on its own: a pack delivered again
+    does only what is left (the claims of finished runs are no-ops), and one run's
+    failure is that run's alone. A malformed payload (not exactly one run id or
+    one list of them, integers from 1 to 2**31 - 1) is dropped with one log line,
+    and acknowledged: no retry could make it valid. Returns what became of each run.
     """
-    run_id = parse_run_id(args, kwargs)
-    if run_id is None:
+    ids = parse_run_ids(args, kwargs)
+    if ids is None:
         log.error(
-            "train: message dropped: expected one run id (an integer from 1 to %d), got "
-            "args=%s kwargs=%s",
+            "train: message dropped: expected a run id or a list of run ids (integers from "
+            "1 to %d), got args=%s kwargs=%s",
             MAX_RUN_ID,
             _REPR.repr(args),
             _REPR.repr(kwargs),
         )
         return "dropped"
-    try:
-        with handback.training():
-            outcome = execute_run(run_id=run_id, settings=get_settings())
+    settings = get_settings()
+    outcomes: list[str] = []
+    with handback.training():
+        for i, run_id in enumerate(ids):
+            if handback.requested():  # told to stop between two runs of the pack
+                _send_again(ids[i:])
+                break
+            try:
+                outcome = execute_run(run_id=run_id, settings=settings)
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                # The store is unreachable before the claim: acking would lose the runs'
+                # only message, so what is left of it comes back later (a run's own
+                # failures never reach here).
+                first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                log.warning(
+                    "run %d: store unreachable (%s); trying again in %ds",
+                    run_id,
+                    first,
+                    STORE_RETRY_SECONDS,
+                )
+                rest = ids[i:]
+                raise self.retry(
+                    args=(rest if len(rest) > 1 else rest[0],), countdown=STORE_RETRY_SECONDS
+                ) from None
+            outcomes.append(outcome.status)
             if outcome.status == HANDED_BACK:
                 # The broker restores the unacked message too; a second one is a no-op claim.
-                from service.queue import publish_runs
+                _send_again(ids[i:])
+                break
+    return outcomes[0] if len(ids) == 1 and outcomes else ",".join(outcomes)
 
-                publish_runs(app, [run_id])
-    except Exception as exc:
-        if not connection_lost(exc):
-            raise
-        # The store is unreachable before the claim: acking would lose the run's only
-        # message, so it comes back later (a run's own failures never reach here).
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        log.warning(
-            "run %d: store unreachable (%s); trying again in %ds",
-            run_id,
-            first,
-            STORE_RETRY_SECONDS,
-        )
-        raise self.retry(countdown=STORE_RETRY_SECONDS) from None
-    return outcome.status
+
+def _send_again(run_ids: list[int]) -> None:
+    """Publish the runs of a pack this process will not train (it was told to stop)."""
+    from service.queue import publish_runs
+
+    publish_runs(app, run_ids)
 
 
 @app.task(name=REAP_TASK, ignore_result=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import DATASETS, ConfigError, load_dataset
+from engine import DATASETS, ConfigError
 from service.grids.parsed import GridPart, ParsedGrid, Path_
 from service.grids.spec import CsvDataset
 from service.settings import get_settings
@@ -98,6 +98,8 @@ class Datasets(GridPart):
         name = f"csv:{csv.sha256}"
         try:
             # The whole file is parsed now, so a bad CSV fails the submit, not a worker.
+            from engine.datasets import load_dataset  # NumPy: only for a grid with a CSV
+
             load_dataset(name, seed=0, csv=csv.data, target=entry.target, task=entry.task)
         except ConfigError as exc:
             sub = "target" if exc.key == "target" else "task" if exc.key == "task" else "csv"

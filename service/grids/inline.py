@@ -33,6 +33,7 @@ INLINE_OPTIONS: dict[str, tuple[str, str]] = {
     "epochs": ("budget", "epochs"),
     "iterations": ("budget", "iterations"),
     "time_limit": ("budget", "time_limit"),
+    "evaluations": ("budget", "evaluations"),
     "learning_rate": ("optimizer", "learning_rate"),
     "batch_size": ("optimizer", "batch_size"),
     "momentum": ("optimizer", "momentum"),
@@ -104,7 +105,7 @@ def inline_data(
         section, key = INLINE_OPTIONS[option]
         if section in ("model", "training", "budget"):
             value: Any = _axis(text)
-            if option == "time_limit":
+            if option in ("time_limit", "evaluations"):
                 value = text.strip()
             data.setdefault(section, {})[key] = value
             aliases[f"{section}.{key}"] = flag(option)

@@ -47,6 +47,7 @@ class Block:
     excludes: list[tuple[Path_, dict[str, Any]]]
     samples: int | None
     time_limit: float | None
+    evaluations: int | None = None  # budget.evaluations: every run's max_evaluations
 
 
 def _grid_key(name: str, optimizer: str | None = None) -> str | None:
@@ -87,7 +88,10 @@ class Resolver(GridPart):
         excludes = [((*bpath, "exclude", j), r) for j, r in enumerate(block.exclude)]
         samples = block.samples if block.samples is not None else spec.samples
         time_limit = block.time_limit if block.time_limit is not None else spec.budget.time_limit
-        return Block(i, block.optimizer, bpath, axes, zips, excludes, samples, time_limit)
+        evaluations = spec.budget.evaluations
+        return Block(
+            i, block.optimizer, bpath, axes, zips, excludes, samples, time_limit, evaluations
+        )
 
     def _block_axes(self, block: Any, bpath: Path_) -> dict[str, AxisAt]:
         """Config key -> axis for one block: its own values override the common sections."""
@@ -390,8 +394,24 @@ def block_configs(resolver: Resolver, block: Block, dims: list[Dim]) -> Iterator
     template = _full_config(resolver, block, dims, first)
     for d in range(1, len(dims[0].rows)):
         _full_config(resolver, block, dims, [d, *first[1:]])
+    budget = block.evaluations
     for rows in itertools.product(*updates):
         config = template.copy()
         for pairs in rows:
             config.update(pairs)
+        if budget is not None:
+            _spend(resolver, block, config, budget)
         yield config
+
+
+def _spend(resolver: Resolver, block: Block, config: dict[str, Any], budget: int) -> None:
+    """Give ``config`` the grid's evaluation budget, and the steps it buys if none are set."""
+    from engine.config import steps_within
+
+    try:
+        steps = steps_within(budget, config)
+    except ConfigError as exc:
+        raise resolver.error(("budget", "evaluations"), exc.problem) from None
+    config["max_evaluations"] = budget
+    if "max_steps" not in block.axes:
+        config["max_steps"] = steps

@@ -477,6 +477,8 @@ class TrainingSection(_Strict):
 class BudgetSection(_Strict):
     epochs: IntAxis | None = None  # backprop: passes over the training set
     iterations: IntAxis | None = None  # random walk: proposal rounds
+    # Forward evaluations (training-set passes) per run, the same for every optimizer.
+    evaluations: int | None = Field(None, ge=2, le=INT_MAX)
     # Seconds per run: finite, at most what an int4 holds (the same bound as every integer).
     time_limit: float | None = Field(None, gt=0, le=INT_MAX, allow_inf_nan=False)
 

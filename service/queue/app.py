@@ -60,6 +60,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": settings.task_events,
         "broker_pool_limit": 10,
+        # Ours, read by service.queue.enqueue.publish_runs: how runs are packed into messages.
+        "mlpq_pack_seconds": settings.pack_seconds,
     }
 
 

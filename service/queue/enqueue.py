@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +35,8 @@ from sqlalchemy import Connection, Engine, func, insert, select, text, update
 from service.exceptions import BrokerError
 from service.grids import Grid, hidden_label
 from service.queue.names import QUEUE, TRAIN_TASK
-from service.store import Experiment, Run, RunStatus, reset_runs, store_dataset, utcnow
+from service.queue.packing import estimated_costs, pack
+from service.store import Experiment, Run, RunStatus, reset_runs, utcnow
 
 try:
     import fcntl
@@ -135,15 +136,22 @@ def publish_runs(
     engine: Engine | None = None,
     progress: Progress | None = None,
     batch_size: int | None = None,
+    costs: Mapping[int, float] | None = None,
 ) -> int:
-    """Publish one ``TRAIN_TASK`` message per run (args ``[run_id]``) and mark them published.
+    """Publish ``TRAIN_TASK`` messages for the runs and mark them published.
+
+    Short runs share a message (``service.queue.packing``; the app's
+    ``mlpq_pack_seconds``, 0 = one run per message): its args are ``[run_id]``
+    for one run, ``[[run_id, ...]]`` for a pack. ``costs`` (run id -> estimated
+    seconds) spares reading the configs of runs the caller knows.
 
     One connection, one producer; messages go in batches (one Redis pipeline each)
     and each batch is marked ``published`` once the broker has it. Returns the
-    number sent; raises ``PublishError`` (with ``.sent``) if the broker fails, the
-    runs not sent staying ``published = false``. A message is never dropped, but
-    a batch the broker took without confirming is sent again by a later publish:
-    delivery is at least once, and the worker's claim makes a second message a no-op.
+    number of runs sent; raises ``PublishError`` (with ``.sent``) if the broker
+    fails, the runs not sent staying ``published = false``. A message is never
+    dropped, but a batch the broker took without confirming is sent again by a later
+    publish: delivery is at least once, and the worker's claim makes a second
+    message a no-op.
     """
     from service.store import get_engine
 
@@ -152,6 +160,8 @@ def publish_runs(
         return 0
     engine = engine or get_engine()
     batch_size = batch_size or PUBLISH_BATCH
+    target = float(app.conf.get("mlpq_pack_seconds") or 0)
+    packs = pack(estimated_costs(engine, ids, costs), target) if target > 0 else [[i] for i in ids]
     amqp = app.amqp
     create = amqp.create_task_message
     send = amqp.send_task_message
@@ -170,24 +180,26 @@ def publish_runs(
                 # Declared once here: per message, kombu would re-bind a copy of the
                 # queue (about half of the publishing time).
                 producer.maybe_declare(amqp.queues[QUEUE])
-                for start in range(0, len(ids), batch_size):
-                    chunk = ids[start : start + batch_size]
+                for start in range(0, len(packs), batch_size):
+                    chunk = packs[start : start + batch_size]
                     with producer.batch(max_size=len(chunk) + 1):
-                        for run_id in chunk:
+                        for ids_ in chunk:
+                            payload = ids_[0] if len(ids_) == 1 else ids_
                             message = create(
                                 str(uuid.uuid4()),
                                 TRAIN_TASK,
-                                (run_id,),
+                                (payload,),
                                 {},
-                                argsrepr=f"({run_id},)",
+                                argsrepr=_args_repr(ids_),
                                 kwargsrepr="{}",
                             )
                             send(
                                 producer, TRAIN_TASK, message, queue=QUEUE, declare=[], retry=False
                             )
                     # The batch left the with-block flushed: the broker has it.
-                    marks.append(marker.submit(_mark_published, engine, chunk))
-                    sent += len(chunk)
+                    batch_ids = [run_id for ids_ in chunk for run_id in ids_]
+                    marks.append(marker.submit(_mark_published, engine, batch_ids))
+                    sent += len(batch_ids)
                     if progress is not None:
                         progress("publish", sent, len(ids))
             except errors as exc:
@@ -201,6 +213,13 @@ def publish_runs(
         for mark in marks:
             mark.result()  # a failed UPDATE surfaces here
     return sent
+
+
+def _args_repr(ids: Sequence[int]) -> str:
+    if len(ids) == 1:
+        return f"({ids[0]},)"
+    shown = ", ".join(map(str, ids[:4])) + (", ..." if len(ids) > 4 else "")
+    return f"([{shown}],) {len(ids)} runs"
 
 
 _MARK_PG = text("UPDATE runs SET published = true WHERE id = ANY(CAST(:ids AS integer[]))")
@@ -455,11 +474,16 @@ def submit(
     check_broker(app)
     with submit_lock(engine):
         with engine.begin() as conn:
-            report, fresh, unsent = _store(conn, grid, force, progress)
+            report, fresh, unsent, configs = _store(conn, grid, force, progress)
         report.run_ids = fresh
         to_publish = sorted(set(fresh) | set(unsent))
+        from engine.cost import estimate_seconds
+
+        costs = {run_id: estimate_seconds(config) for run_id, config in configs.items()}
         try:
-            report.published = publish_runs(app, to_publish, engine=engine, progress=progress)
+            report.published = publish_runs(
+                app, to_publish, engine=engine, progress=progress, costs=costs
+            )
         except PublishError as exc:
             report.published = exc.sent
             report.publish_error = str(exc)
@@ -469,14 +493,18 @@ def submit(
 
 def _store(
     conn: Connection, grid: Grid, force: bool, progress: Progress | None
-) -> tuple[SubmitReport, list[int], list[int]]:
+) -> tuple[SubmitReport, list[int], list[int], dict[int, dict[str, Any]]]:
     """Write the grid's runs in the caller's transaction.
 
     Returns the report so far, the ids of the runs queued now (new, forced,
-    requeued) and the ids of runs already queued whose message was never sent.
+    requeued), the ids of runs already queued whose message was never sent, and
+    the configs of the new runs by id.
     """
-    for csv in grid.datasets:
-        store_dataset(conn, csv.name, csv.data)
+    if grid.datasets:
+        from service.store import store_dataset  # the ingest module (NumPy): CSV grids only
+
+        for csv in grid.datasets:
+            store_dataset(conn, csv.name, csv.data)
     experiment_id, created = _experiment(conn, grid)
     report = SubmitReport(experiment_id, grid.name, created, total=len(grid.runs))
     existing = _existing(conn, (r.config_hash for r in grid.runs))
@@ -507,4 +535,5 @@ def _store(
     report.requeued = len(requeue)
     new_ids = _insert_runs(conn, rows, progress)
     _requeue(conn, requeue)
-    return report, new_ids + requeue, unsent
+    configs = {run_id: row["config"] for run_id, row in zip(new_ids, rows, strict=True)}
+    return report, new_ids + requeue, unsent, configs

@@ -140,3 +140,23 @@ def run_page(engine: Engine, run_id: int) -> dict[str, Any]:
         "heartbeat_at": extra.heartbeat_at,
         "loss_curve": loss_curve(engine, run_id=run_id),
     }
+
+
+def run_weights(engine: Engine, run_id: int) -> bytes:
+    """The final weights file (npz bytes) of run ``run_id``; NotFoundError if it has none yet."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT r.status, a.data FROM runs r LEFT JOIN artifacts a "
+                "ON a.run_id = r.id AND a.kind = 'weights' WHERE r.id = :id"
+            ),
+            {"id": run_id},
+        ).one_or_none()
+    if row is None:
+        raise NotFoundError(f"run: no run with id {run_id} (see `mlpq runs EXPERIMENT`)")
+    if row.data is None:
+        raise NotFoundError(
+            f"run {run_id}: no final weights (status {row.status}); "
+            "weights are stored when a run succeeds or diverges"
+        )
+    return bytes(row.data)

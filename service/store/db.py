@@ -90,7 +90,7 @@ def get_engine(url: str | None = None) -> Engine:
             if engine is None:
                 engine = make_engine(key[0])
                 if is_sqlite(engine) and key[0] not in _MIGRATED:
-                    if not _at_head(engine):
+                    if not _at_head(engine) and not _created_from_snapshot(engine):
                         from service.store.migrate import upgrade
 
                         upgrade(engine)
@@ -133,6 +133,20 @@ def _at_head(engine: Engine) -> bool:
         conn.close()
     head = script_head()
     return head is not None and row is not None and row[0] == head
+
+
+def _created_from_snapshot(engine: Engine) -> bool:
+    """Whether a store with no tables yet was just created at head from the schema snapshot."""
+    from service.store.sqlite_snapshot import create_from_snapshot
+
+    head = script_head()
+    if head is None:
+        return False
+    conn = engine.raw_connection()
+    try:
+        return create_from_snapshot(conn.driver_connection, head)
+    finally:
+        conn.close()
 
 
 def dispose_engines() -> None:

@@ -235,7 +235,7 @@ def _pg_finish_statement(*, metrics: bool, weights: bool, drop: bool) -> str:
 
     ``fin`` is the guarded UPDATE; every other part reads its id, so a worker that
     no longer owns the run writes nothing. Metric rows arrive as one binary array per
-    column (``service.store.ingest.pg_metric_arrays``); steps already stored stay.
+    column (``service.store.pg_ingest.pg_metric_arrays``); steps already stored stay.
     """
     summary = ", ".join(f"{name} = %(s_{name})s" for name in SUMMARY_COLUMNS)
     parts = [
@@ -572,7 +572,7 @@ def _finish_postgresql(
     has_artifacts: bool,
     now: datetime,
 ) -> bool:
-    from service.store.ingest import pg_metric_arrays, register_pg_arrays
+    from service.store.pg_ingest import pg_metric_arrays, register_pg_arrays
 
     statement = _pg_finish_statement(
         metrics=bool(records), weights=weights is not None, drop=has_artifacts

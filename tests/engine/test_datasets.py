@@ -193,3 +193,14 @@ def test_unknown_dataset_and_bad_arguments() -> None:
         load_dataset("xor", seed=0, val_fraction=1.0)
     with pytest.raises(ConfigError, match=r"^task: iris is a multiclass dataset"):
         load_dataset("iris", seed=0, task="binary")
+
+
+def test_the_shapes_the_cost_estimate_uses_are_the_datasets_own() -> None:
+    from engine.names import DATASET_SHAPES, DATASETS
+
+    assert set(DATASET_SHAPES) == set(DATASETS)
+    for name, (samples, features, outputs) in DATASET_SHAPES.items():
+        data = load_dataset(name, seed=0)
+        assert len(data.X_train) + len(data.X_val) == samples, name
+        assert data.n_features == features, name
+        assert (data.n_classes if data.task == "multiclass" else 1) == outputs, name

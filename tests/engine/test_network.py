@@ -288,3 +288,11 @@ def test_loss_and_output_equal_the_loss_then_the_output_activation(Z, task) -> N
     loss = float(LOSS_AND_OUTPUT[task](Y, P))
     assert loss == pytest.approx(expected_loss, rel=1e-12, abs=1e-15)
     np.testing.assert_allclose(P, expected_P, rtol=1e-12, atol=1e-300)
+
+
+def test_the_numpy_free_names_are_the_engine_tables() -> None:
+    from engine.names import ACTIVATION_NAMES, NO_GRADIENT
+
+    assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
+    assert set(DERIVATIVES) == set(ACTIVATION_NAMES)
+    assert set(ACTIVATION_NAMES) >= NO_GRADIENT

@@ -432,3 +432,38 @@ def test_summary_fields() -> None:
 def test_data_must_match_the_config() -> None:
     with pytest.raises(ConfigError, match=r"^dataset: config says 'xor'"):
         Trainer(TrainConfig(dataset="xor", optimizer="backprop"), _data("moons"))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "extra", "steps", "spent"),
+    [
+        ("backprop", {"learning_rate": 0.1}, 99, 100),  # 1 + 99 epochs
+        ("random_walk", {"candidates": 8}, 12, 97),  # 1 + 12 x 8; a 13th would make 105
+        ("random_walk", {"candidates": 1}, 99, 100),
+    ],
+)
+def test_an_evaluation_budget_is_never_exceeded(optimizer, extra, steps, spent) -> None:
+    config = TrainConfig(
+        dataset="moons", optimizer=optimizer, hidden=(8,), max_steps=10_000,
+        max_evaluations=100, log_every=7, **extra,
+    )  # fmt: skip
+    trainer, records = _run(config)
+    logged = [r for r in records if r is not None]
+    assert trainer.step == steps and len(records) == steps
+    assert logged[-1]["step"] == steps and logged[-1]["evaluations"] == spent  # last is logged
+    assert trainer.result().stop_reason == "max_evaluations"
+    assert trainer.result().summary["evaluations"] == spent
+    # max_steps still applies when it comes first
+    short = TrainConfig(**{**config.__dict__, "max_steps": 5})
+    trainer, _ = _run(short)
+    assert trainer.step == 5 and trainer.result().stop_reason == "max_steps"
+
+
+def test_an_evaluation_budget_must_buy_a_step() -> None:
+    with pytest.raises(ConfigError, match="max_evaluations: 8 leaves no step"):
+        TrainConfig(dataset="moons", optimizer="random_walk", candidates=8, max_evaluations=8)
+    assert TrainConfig(
+        dataset="moons", optimizer="random_walk", candidates=8, max_evaluations=9
+    ).max_evaluations == 9  # fmt: skip
+    unset = TrainConfig(dataset="moons", optimizer="backprop")
+    assert "max_evaluations" not in unset.to_dict()  # the hashes of older runs stay the same

@@ -332,6 +332,8 @@ def test_shipped_examples_are_valid(path: Path) -> None:
         bp = sorted(twin(r.config) for r in grid.runs if r.config["optimizer"] == "backprop")
         rw = sorted(twin(r.config) for r in grid.runs if r.config["optimizer"] == "random_walk")
         assert bp == rw and bp
+        # ... and the same budget in forward evaluations, which neither passes.
+        assert {r.config["max_evaluations"] for r in grid.runs} == {300}
     if path.name == "csv.yaml":
         assert len(grid.datasets) == 1
     if path.name == "search.yaml":
@@ -355,3 +357,62 @@ def test_max_runs_needs_yes(tmp_path: Path) -> None:
 def test_max_runs_counts_after_exclusions(tmp_path: Path) -> None:
     text = BASIC + "exclude: [{optimizer: backprop}]\n"
     assert len(load_grid(write(tmp_path, text), max_runs=24)) == 24
+
+
+def test_an_evaluation_budget_buys_each_optimizer_its_steps(tmp_path: Path) -> None:
+    grid = grid_of(
+        tmp_path,
+        """\
+datasets: moons
+budget: {evaluations: 400}
+optimizers:
+  - optimizer: backprop
+  - optimizer: random_walk
+    candidates: [1, 8, 16]
+  - optimizer: random_walk
+    iterations: 10
+""",
+    )
+    got = [
+        (r.config["optimizer"], r.config.get("candidates"), r.config["max_steps"])
+        for r in grid.runs
+    ]
+    assert got == [
+        ("backprop", None, 399),
+        ("random_walk", 1, 399),
+        ("random_walk", 8, 49),
+        ("random_walk", 16, 24),
+        ("random_walk", 1, 10),  # a step count given too: both apply
+    ]
+    assert {r.config["max_evaluations"] for r in grid.runs} == {400}
+    for run in grid.runs:
+        assert TrainConfig.from_dict(run.config).to_dict() == run.config
+    free = grid_of(tmp_path, "datasets: moons\noptimizers: [{optimizer: backprop, epochs: 399}]\n")
+    assert free.runs[0].config_hash != grid.runs[0].config_hash  # a budget makes another run
+
+
+def test_an_evaluation_budget_too_small_for_a_block_names_the_key(tmp_path: Path) -> None:
+    text = (
+        "datasets: moons\nbudget: {evaluations: 10}\n"
+        "optimizers: [{optimizer: random_walk, candidates: [4, 16]}]\n"
+    )
+    with pytest.raises(GridError, match=r"budget\.evaluations: 10 leaves no step: one costs 16"):
+        grid_of(tmp_path, text)
+    grid = inline_grid({"dataset": "moons", "evaluations": "50"}, optimizers="backprop,random_walk")
+    assert [r.config["max_steps"] for r in grid.runs] == [49, 49]
+
+
+def test_reading_and_checking_a_grid_does_not_import_numpy() -> None:
+    """The CLI's side of submit stays free of NumPy (a fifth of `mlpq run`'s start-up)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from service.grids import load_grid; "
+        f"grid = load_grid({str(EXAMPLES / 'compare.yaml')!r}); "
+        "assert len(grid) == 60, len(grid); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'sklearn')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -226,7 +226,7 @@ def test_datasets_are_stored_once_by_content_hash(store_engine: Engine) -> None:
 
 
 def test_metric_arrays_for_postgresql_refuse_a_float_step_and_leave_absent_metrics_null() -> None:
-    from service.store.ingest import PgFloat8Array, PgInt4Array, pg_metric_arrays
+    from service.store.pg_ingest import PgFloat8Array, PgInt4Array, pg_metric_arrays
 
     arrays = pg_metric_arrays(1, [{"step": 1, "train_loss": 0.5}, {"step": 2, "val_loss": 0.25}])
     by_field = dict(zip(RECORD_FIELDS, arrays, strict=True))

@@ -191,3 +191,30 @@ def test_the_head_read_from_the_files_is_alembics_head() -> None:
     from service.store.db import script_head
 
     assert script_head() == head_revision()
+
+
+def test_the_sqlite_snapshot_is_the_schema_the_migrations_give(tmp_path: Path) -> None:
+    """A new embedded store is created from sqlite_schema.sql: it must be Alembic's schema."""
+    from service.store.db import _created_from_snapshot
+    from service.store.sqlite_snapshot import SNAPSHOT, schema_statements, write_snapshot
+
+    regenerate = "run `python -m service.store.sqlite_snapshot` and commit the file"
+    assert write_snapshot(tmp_path / "now.sql") == SNAPSHOT.read_text(), regenerate
+
+    migrated, snapped = make_engine("sqlite://"), make_engine(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        upgrade(migrated)
+        assert _created_from_snapshot(snapped)
+        assert not _created_from_snapshot(snapped)  # a store with tables is left alone
+        with migrated.connect() as a, snapped.connect() as b:
+            assert schema_statements(b.connection.driver_connection) == schema_statements(
+                a.connection.driver_connection
+            )
+        assert current_revision(snapped) == head_revision()
+        assert schema_diff(snapped) == []
+        assert set(inspect(snapped).get_view_names()) == set(VIEWS)
+        upgrade(snapped)  # Alembic finds it at head
+        assert current_revision(snapped) == head_revision()
+    finally:
+        migrated.dispose()
+        snapped.dispose()

@@ -326,3 +326,44 @@ def test_a_minute_long_read_beside_mlpq_run_blocks_no_worker_and_every_run_finis
         env=env,
     )
     assert counts.stdout.splitlines()[1:] == ["succeeded,12"], counts.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "workers"),
+    [
+        (["run", "g.yaml"], os.cpu_count()),
+        (["run", "g.yaml", "--concurrency", "3"], 3),
+        (["run", "g.yaml", "-c", "2"], 2),
+        (["run", "-c1", "g.yaml"], 1),
+        (["run", "g.yaml", "--concurrency=4"], 4),
+        (["run", "g.yaml", "--concurrency", "0"], os.cpu_count()),
+        (["run", "g.yaml", "--concurrency", "two"], None),  # Typer says what is wrong
+        (["run", "g.yaml", "--concurrency"], None),
+        (["run", "g.yaml", "--dry-run"], None),
+        (["run", "g.yaml", "--no-local-workers"], None),
+        (["run", "--help"], None),
+        (["submit", "g.yaml"], None),
+        ([], None),
+    ],
+)
+def test_the_launcher_starts_workers_only_for_a_run_that_will_use_them(args, workers) -> None:
+    from cli.launch import run_concurrency
+
+    assert run_concurrency(args) == workers
+
+
+def test_workers_started_early_for_a_mistyped_run_are_gone_with_their_folder(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "grid.yaml").write_text(GRID)
+    launcher = [sys.executable, "-c", "from cli.launch import entry; entry()"]
+    for mistake in (["--concurrency", "2", "--bogus"], ["--top", "0"]):
+        proc = subprocess.Popen(
+            [*launcher, "run", "grid.yaml", *mistake],
+            cwd=tmp_path, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        assert not (tmp_path / ".mlpq").exists()
+        time.sleep(0.5)  # a worker outliving the command would still be here
+        assert _processes_with(f"local-{proc.pid}@".encode()) == []

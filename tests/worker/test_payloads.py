@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.tasks import MAX_PACK, MAX_RUN_ID, parse_run_id, parse_run_ids
+from worker.tasks import MAX_PACK, MAX_RUN_ID, parse_run_ids
 
 GOOD_ID = st.integers(1, MAX_RUN_ID)
 JUNK = st.recursive(
@@ -25,13 +25,11 @@ JUNK = st.recursive(
 @given(GOOD_ID)
 def test_one_id_is_a_pack_of_one(run_id: int) -> None:
     assert parse_run_ids((run_id,), {}) == [run_id]
-    assert parse_run_id((run_id,), {}) == run_id
 
 
 @given(st.lists(GOOD_ID, min_size=1, max_size=50))
 def test_a_list_of_ids_is_a_pack(ids: list[int]) -> None:
     assert parse_run_ids((ids,), {}) == ids
-    assert parse_run_id((ids,), {}) is None  # the one-id task takes no pack
 
 
 @given(st.lists(GOOD_ID, max_size=5), JUNK, st.integers(0, 5))

@@ -264,7 +264,10 @@ def test_message_for_a_missing_run_is_dropped_with_a_log_line_and_the_worker_goe
     assert RunStatus(row.status) is RunStatus.succeeded
     log = worker.log()
     assert "run 987654: message dropped: run 987654 does not exist" in log
-    assert "expected one run id (an integer from 1 to 2147483647), got args=('not-an-id',)" in log
+    assert (
+        "expected a run id or a list of run ids (integers from 1 to 2147483647), got "
+        "args=('not-an-id',)"
+    ) in log
     assert worker.proc.poll() is None
 
 
@@ -285,7 +288,8 @@ def test_every_malformed_payload_is_dropped_with_one_line_and_acked_never_a_trac
         ([True], {}),
         ([None], {}),
         (["12"], {}),
-        ([[1, 2]], {}),
+        ([[1, "2"]], {}),  # a pack with junk in it
+        ([[]], {}),  # an empty pack
         ([{"run": 1}], {}),
         ([], {}),
         ([1, 2], {}),
@@ -298,7 +302,7 @@ def test_every_malformed_payload_is_dropped_with_one_line_and_acked_never_a_trac
     row = cluster.wait_finished([run_id], timeout=60)[run_id]
     assert RunStatus(row.status) is RunStatus.succeeded
     log = worker.log()
-    assert log.count("train: message dropped: expected one run id") == len(payloads)
+    assert log.count("train: message dropped: expected a run id or a list") == len(payloads)
     assert "Traceback" not in log and "ERROR/ForkPoolWorker" not in log.replace(
         "ERROR/ForkPoolWorker-1] train: message dropped", ""
     )
@@ -474,3 +478,35 @@ def test_a_message_whose_body_is_not_json_is_dropped_and_acked(
     assert log.count("message dropped: its body cannot be decoded as application/json") == 3
     assert "Traceback" not in log and "CRITICAL" not in log
     assert worker.proc.poll() is None
+
+
+def test_short_runs_share_messages_and_a_failing_run_fails_alone(cluster: Cluster) -> None:
+    import base64
+    import json
+
+    import redis
+
+    from service.queue import publish_runs
+
+    configs = [{**TINY_BACKPROP, "seed": s} for s in range(200)]
+    configs[5] = {**configs[5], "bogus_key": 1}  # refused by the worker: this run fails
+    ids = add_runs(cluster.engine, configs)
+    client = redis.Redis.from_url(cluster.settings["broker_url"])
+    assert publish_runs(cluster.app, ids, engine=cluster.engine) == 200
+    messages = [json.loads(m)["body"] for m in client.lrange("mlpq", 0, -1)]
+    packs = []
+    for body in messages:
+        (payload,), _kwargs, _embed = json.loads(base64.b64decode(body))
+        packs.append(payload if isinstance(payload, list) else [payload])
+    # Packed, and spread over enough messages for every worker process to get some.
+    assert 32 <= len(packs) < 100 and max(map(len, packs)) > 1
+    assert sorted(i for p in packs for i in p) == ids  # every run exactly once
+    assert {r.published for r in run_rows(cluster.engine, ids).values()} == {True}
+
+    cluster.start_worker("w1")
+    rows = cluster.wait_finished(ids, timeout=60)
+    statuses = {run_id: RunStatus(r.status).value for run_id, r in rows.items()}
+    assert statuses.pop(ids[5]) == "failed" and "bogus_key" in rows[ids[5]].error
+    assert set(statuses.values()) == {"succeeded"}  # its pack-mates trained
+    for run_id in statuses:
+        _assert_steps_contiguous(cluster.engine, run_id, TINY_BACKPROP["max_steps"])

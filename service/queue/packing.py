@@ -1,0 +1,76 @@
+"""Short runs share a message: runs packed by their estimated training time.
+
+A tiny run trains in a few milliseconds, less than its message costs the broker
+and the worker; so runs travel in packs whose estimates (``engine.cost``) add up
+to about ``pack_seconds``, a long run alone. A message then carries a list of run
+ids; the worker claims and finishes each on its own (``worker.tasks.train``), so a
+pack redelivered after a kill does only what is left, and one run's failure never
+fails its neighbours. A grid that is small overall is still spread over at least
+``MIN_MESSAGES`` messages, so every worker process gets a share.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+#: A batch of runs is split into at least this many messages when it has the runs.
+MIN_MESSAGES = 32
+#: Run ids whose configs are read per query when the caller gives no costs.
+_CONFIG_CHUNK = 5000
+
+
+def pack(costs: Sequence[tuple[int, float]], target: float) -> list[list[int]]:
+    """Consecutive runs grouped into packs of estimated seconds up to ``target``.
+
+    ``costs`` is (run id, estimated seconds) in publishing order; the order is
+    kept. A run estimated at ``target`` or more travels alone; ``target <= 0``
+    gives one run per pack.
+    """
+    if target <= 0:
+        return [[run_id] for run_id, _ in costs]
+    finite = [c for _, c in costs if c != float("inf")]
+    spread = sum(finite) / MIN_MESSAGES if finite else target
+    limit = min(target, spread)
+    packs: list[list[int]] = []
+    current: list[int] = []
+    total = 0.0
+    for run_id, cost in costs:
+        if current and total + cost > limit:
+            packs.append(current)
+            current, total = [], 0.0
+        current.append(run_id)
+        total += cost
+    if current:
+        packs.append(current)
+    return packs
+
+
+def estimated_costs(
+    engine: Engine, run_ids: Iterable[int], known: Mapping[int, float] | None = None
+) -> list[tuple[int, float]]:
+    """(run id, estimated seconds) for ``run_ids``, reading configs not in ``known``."""
+    from engine.cost import estimate_seconds
+
+    ids = list(run_ids)
+    costs = dict(known or {})
+    missing = [i for i in ids if i not in costs]
+    for start in range(0, len(missing), _CONFIG_CHUNK):
+        chunk = missing[start : start + _CONFIG_CHUNK]
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT id, config FROM runs WHERE id IN (SELECT value FROM json_each(:ids))")
+                if engine.dialect.name == "sqlite"
+                else text("SELECT id, config FROM runs WHERE id = ANY(CAST(:ids AS integer[]))"),
+                {"ids": json.dumps(chunk) if engine.dialect.name == "sqlite" else chunk},
+            ).all()
+        for run_id, config in rows:
+            costs[run_id] = estimate_seconds(_mapping(config))
+    return [(i, costs.get(i, float("inf"))) for i in ids]
+
+
+def _mapping(config: Any) -> Mapping[str, Any]:
+    return json.loads(config) if isinstance(config, str) else config
