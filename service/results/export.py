@@ -24,6 +24,7 @@ place when complete: a failure never leaves a partial file behind.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -194,7 +195,10 @@ class _Source:
             while batch := cursor.fetchmany(size):
                 yield batch
         finally:
-            cursor.close()
+            # A generator dropped early (stdout closed by `| head`) may be closed after
+            # its connection: the cursor went with it.
+            with contextlib.suppress(Exception):
+                cursor.close()
 
     @contextmanager
     def copy(self, sql: str, options: str) -> Iterator[Any]:
