@@ -68,7 +68,7 @@ def _by_status(row: Mapping[str, Any]) -> str:
             part = f"{row[status]} {status}"
             parts.append(f"[{color}]{part}[/{color}]" if color else part)
     if row.get("unsent"):
-        parts.append(f"[red]{row['unsent']} queued but unsent (mlpq retry sends them)[/red]")
+        parts.append(f"{row['unsent']} of the queued not yet in the broker (the window)")
     return ", ".join(parts) or "no runs"
 
 

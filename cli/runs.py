@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -27,6 +28,9 @@ err_console = Console(stderr=True)
 #: Polling of the store while a grid trains: every POLL_MIN_SECONDS at first (a short
 #: grid's end is seen at once), slowing to POLL_MAX_SECONDS over the first seconds.
 POLL_MIN_SECONDS, POLL_MAX_SECONDS = 0.02, 0.25
+#: Seconds between two top-ups of the broker's window by `mlpq run` (the workers top it
+#: up as they finish messages; this keeps a grid going if they cannot).
+FEED_SECONDS = 0.5
 # Seconds local workers get to hand back their runs in progress (or finish the last ones
 # of other experiments) when `mlpq run` stops them with work pending.
 INTERRUPT_GRACE_SECONDS = 10.0
@@ -118,7 +122,7 @@ def retry(
 
         $ mlpq retry quickstart --stale
     """
-    from service.queue import make_app, publish_pending
+    from service.queue import feed, make_app
     from service.settings import get_settings
     from service.store import (
         RunStatus,
@@ -147,7 +151,7 @@ def retry(
         )
         if queued:
             mark_unsent(session=session, experiment_id=exp.id)
-    sent = publish_pending(app=make_app(settings), engine=get_engine(), experiment_id=exp.id)
+    sent = feed(make_app(settings), get_engine(), block=True)
     parts = [f"{len(restarted)} finished run(s) restarted"]
     if reaped is not None:
         parts.append(f"{len(reaped.requeued)} stale run(s) re-enqueued")
@@ -155,7 +159,7 @@ def retry(
             parts.append(f"{reaped.failed} stale run(s) out of attempts marked failed")
         if reaped.cancelled:
             parts.append(f"{reaped.cancelled} stale cancelled run(s) closed")
-    parts.append(f"{sent} message(s) published")
+    parts.append(f"{sent} run(s) sent to the broker (the window; the rest follow as runs finish)")
     console.print(f"{exp.name}: " + ", ".join(parts))
 
 
@@ -223,7 +227,7 @@ def run(**options: Any) -> None:
                 "`mlpq worker` runs on this machine with the same MLPQ_HOME",
                 highlight=False,
             )
-        _wait(reader, report.experiment_id, workers)
+        _wait(reader, report.experiment_id, workers, feeder=_feeder(settings))
         if workers is not None:
             _stop_local_workers(workers, reader)  # before the results: nothing is left to wait for
         from cli.experiments import print_leaderboard
@@ -287,7 +291,7 @@ def _recover_embedded_queue(engine: Engine) -> None:
     queued runs whose message the embedded queue no longer holds (a worker had
     fetched it) get a new one; a second message for a run is dropped by the claim.
     """
-    from service.queue import make_app, publish_runs
+    from service.queue import feed, make_app, mark_for_resend
     from service.settings import get_settings
     from service.store import queued_published, requeue_dead_owners, session_scope
     from worker.local import embedded_queue_run_ids
@@ -296,17 +300,36 @@ def _recover_embedded_queue(engine: Engine) -> None:
     with session_scope(engine) as session:
         dead = requeue_dead_owners(session=session)
         queued = queued_published(session=session)
-    lost = sorted(set(dead) | (set(queued) - embedded_queue_run_ids(settings)))
+        gone = sorted(set(queued) - embedded_queue_run_ids(settings))
+        mark_for_resend(session.connection(), gone)
+    lost = sorted(set(dead) | set(gone))
     if lost:
-        publish_runs(make_app(settings), lost, engine=engine)
+        feed(make_app(settings), engine, block=True)
         err_console.print(
             f"{len(lost)} run(s) interrupted by a stopped local worker: queued again",
             highlight=False,
         )
 
 
-def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> None:
-    """Poll the experiment's counts until every run is finished, with a progress bar."""
+def _feeder(settings: Any) -> Callable[[], object]:
+    """Top the broker's window up from the store (beside the workers, which do it too)."""
+    from service.queue import feed_quietly, make_app
+    from service.store import get_engine
+
+    app, engine = make_app(settings), get_engine()
+    return lambda: feed_quietly(app, engine)
+
+
+def _wait(
+    engine: Engine,
+    experiment_id: int,
+    workers: LocalWorkers | None,
+    feeder: Callable[[], object] | None = None,
+) -> None:
+    """Poll the experiment's counts until every run is finished, with a progress bar.
+
+    ``feeder`` is called every ``FEED_SECONDS`` while runs are left.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -345,6 +368,7 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
     with progress:
         task = progress.add_task("runs", total=total, completed=done_at_start, detail="")
         current = first
+        fed_at = 0.0
         while True:
             done = sum(current[s] for s in FINISHED)
             rate = (done - done_at_start) / max(time.monotonic() - start, 1e-9)
@@ -366,6 +390,9 @@ def _wait(engine: Engine, experiment_id: int, workers: LocalWorkers | None) -> N
                     f"{sum(current.values()) - done} run(s) unfinished; log: {workers.log_path}"
                 )
             elapsed = time.monotonic() - start
+            if feeder is not None and elapsed >= fed_at + FEED_SECONDS:
+                feeder()
+                fed_at = elapsed
             time.sleep(min(POLL_MAX_SECONDS, POLL_MIN_SECONDS + elapsed / 20))
             current = counts()
     if not progress.disable:

@@ -178,7 +178,7 @@ def submit(
             return None
         report = _submit(grid, force=force, progress=bar)
     _show_report(report)
-    if report.unsent:
+    if report.publish_error:
         raise typer.Exit(code=1)
     # Returned for `mlpq run`, which submits through this command and then waits.
     return report
@@ -378,12 +378,15 @@ def _show_report(report: SubmitReport) -> None:
         f"[bold]{report.experiment}[/bold] ({verb}, id {report.experiment_id}): "
         f"{report.total} run(s) in the grid: " + ", ".join(parts)
     )
-    console.print(f"{report.published} message(s) published")
-    if report.unsent:
+    line = f"{report.published} run(s) sent to the broker"
+    if report.unsent and not report.publish_error:
+        line += f"; {report.unsent} wait in the store, sent by the workers as runs finish"
+    console.print(line)
+    if report.publish_error:
         output_console(stderr=True).print(
             f"[red]{report.unsent} run(s) queued but unsent[/red]: {report.publish_error}\n"
-            f"They stay in the store; `mlpq submit` the same grid again or "
-            f"`mlpq retry {report.experiment}` sends them.",
+            f"They stay in the store; any worker sends them once the broker is back, or "
+            f"`mlpq retry {report.experiment}` does.",
             highlight=False,
         )
 

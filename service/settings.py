@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # Estimated training seconds one message carries: short runs share a message up to
     # this (engine.cost estimates each run from its config); 0 = one run per message.
     pack_seconds: float = Field(0.2, ge=0, le=3600)
+    # Messages the broker holds at most (the window; the store holds the rest of the
+    # queue and the workers top it up). 0 = automatic: 64, or 4x the runs in progress.
+    window: int = Field(0, ge=0, le=1_000_000)
     # Seconds between polls of the embedded filesystem queue (kombu's default of 1 s is slow).
     polling_interval: float = Field(0.01, gt=0)
     # Seconds a running run keeps reconnecting to a store whose connection dropped before

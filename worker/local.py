@@ -142,8 +142,8 @@ def embedded_queue_run_ids(settings: Settings) -> set[int]:
             message = json.loads(path.read_bytes())
             if message.get("headers", {}).get("task") != TRAIN_TASK:
                 continue
-            args = json.loads(base64.b64decode(message["body"]))[0]
-            ids.add(int(args[0]))
+            payload = json.loads(base64.b64decode(message["body"]))[0][0]
+            ids.update(int(i) for i in (payload if isinstance(payload, list) else [payload]))
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             continue  # fetched meanwhile, or not ours
     return ids

@@ -5,21 +5,26 @@ moving. On Redis its message comes back after the visibility timeout (hours, to
 outlast the task time limit); on the embedded filesystem queue it is gone for
 good. So every worker's main process looks for stale runs every few seconds and
 re-enqueues them (``service.store.runs.reap_stale`` moves each run with one UPDATE ...
-RETURNING: of two reapers racing, only one gets and publishes it). Nobody has to
-notice a lost run.
+RETURNING: of two reapers racing, only one gets it). Nobody has to notice a lost run.
+
+The same sweep finds queued runs whose message the broker lost
+(``service.queue.window.lost_runs``) and tops the broker's window up from the
+store, so a grid goes on when no run has finished for a while.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
 
 from celery import Celery, bootsteps
 
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("mlpq.reaper")
+
+#: Seconds from a worker's start to its first sweep.
+FIRST_SWEEP_SECONDS = 2.0
 
 
 def reap_interval(settings: Settings) -> float:
@@ -28,17 +33,12 @@ def reap_interval(settings: Settings) -> float:
 
 
 def reap_once(app: Celery, settings: Settings | None = None) -> list[int]:
-    """Settle stale runs and (re)publish them and long-unsent queued runs; returns the ids sent."""
-    from service.queue import publish_runs
-    from service.store import (
-        get_engine,
-        orphans,
-        queued_published,
-        reap_stale,
-        requeue_dead_owners,
-        session_scope,
-        utcnow,
-    )
+    """Settle stale runs, find runs whose message the broker lost, and top the window up.
+
+    Returns the ids of the runs put back in the queue (they go out through the window).
+    """
+    from service.queue import feed_quietly, lost_runs, mark_for_resend, queue_size
+    from service.store import get_engine, reap_stale, requeue_dead_owners, session_scope, utcnow
 
     settings = settings or get_settings()
     engine = get_engine(settings.database_url)
@@ -49,46 +49,29 @@ def reap_once(app: Celery, settings: Settings | None = None) -> list[int]:
             max_attempts=settings.max_attempts,
         )
         dead = requeue_dead_owners(session=session)
-        unsent = orphans(session=session, older_than=settings.stale_seconds)
-        lost: list[int] = []
-        if _broker_queue_empty(app):
-            # Queued runs whose message is nowhere: the broker lost it (a restart without
-            # its last writes, a message in flight). Sent again; a duplicate is a no-op claim.
-            cutoff = utcnow() - timedelta(seconds=settings.stale_seconds)
-            lost = queued_published(session=session, created_before=cutoff)
-    ids = sorted(set(result.requeued) | set(dead) | set(unsent) | set(lost))
-    if ids:
-        publish_runs(app, ids, engine=engine)
+        # Queued runs whose message is nowhere: the broker lost it (a restart without its
+        # last writes, a message in flight). Sent again; a duplicate is a no-op claim.
+        conn = session.connection()
+        lost = lost_runs(
+            conn,
+            grace_seconds=settings.stale_seconds,
+            queue_empty=queue_size(app) == 0,
+            now=utcnow(),
+        )
+        mark_for_resend(conn, lost)
+    ids = sorted(set(result.requeued) | set(dead) | set(lost))
+    feed_quietly(app, engine)
     if ids or result.failed or result.cancelled:
         log.warning(
-            "reaper: re-enqueued %d run(s) %s; %d used up their attempts (failed); %d cancelled",
+            "reaper: re-enqueued %d run(s) %s (%d whose message was lost); "
+            "%d used up their attempts (failed); %d cancelled",
             len(ids),
             ids[:20],
+            len(lost),
             result.failed,
             result.cancelled,
         )
     return ids
-
-
-def _broker_queue_empty(app: Celery) -> bool:
-    """Whether the train queue holds no message (False when the broker cannot tell)."""
-    from amqp.exceptions import NotFound
-    from kombu.exceptions import ChannelError
-
-    from service.queue import QUEUE
-
-    try:
-        with app.connection_for_read() as conn:
-            channel = conn.default_channel
-            size = getattr(channel, "_size", None)  # kombu's virtual transports: Redis, files
-            if size is not None:
-                return size(QUEUE) == 0
-            declared = channel.queue_declare(queue=QUEUE, passive=True)
-            return declared.message_count == 0
-    except (ChannelError, NotFound):
-        return True  # no such queue yet (Redis drops an empty list): nothing in it
-    except Exception:
-        return False
 
 
 class Reaper(bootsteps.StartStopStep):
@@ -118,7 +101,11 @@ class Reaper(bootsteps.StartStopStep):
     def _loop(self, app: Celery) -> None:
         settings = get_settings()
         interval = reap_interval(settings)
-        while not self._stop.wait(interval):
+        # The first sweep soon: a worker joining a grid whose feeders are gone (every
+        # worker was stopped) tops the window up within seconds.
+        wait = min(interval, FIRST_SWEEP_SECONDS)
+        while not self._stop.wait(wait):
+            wait = interval
             try:
                 reap_once(app, settings)
             except Exception:

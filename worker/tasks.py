@@ -111,14 +111,28 @@ def train(self: Task, *args: Any, **kwargs: Any) -> str:
                 # The broker restores the unacked message too; a second one is a no-op claim.
                 _send_again(ids[i:])
                 break
+        else:
+            _top_up()
     return outcomes[0] if len(ids) == 1 and outcomes else ",".join(outcomes)
 
 
-def _send_again(run_ids: list[int]) -> None:
-    """Publish the runs of a pack this process will not train (it was told to stop)."""
-    from service.queue import publish_runs
+def _top_up() -> None:
+    """Top the broker's window up from the store (unless another process is at it)."""
+    from service.queue import feed_quietly
+    from service.store import get_engine
 
-    publish_runs(app, run_ids)
+    feed_quietly(app, get_engine())
+
+
+def _send_again(run_ids: list[int]) -> None:
+    """Put back in the window the runs of a pack this process will not train (told to stop)."""
+    from service.queue import feed_quietly, mark_for_resend
+    from service.store import get_engine
+
+    engine = get_engine()
+    with engine.begin() as conn:
+        mark_for_resend(conn, run_ids)  # the handed-back run is unsent already; its pack-mates now
+    feed_quietly(app, engine, block=True)
 
 
 @app.task(name=REAP_TASK, ignore_result=True)

@@ -2,7 +2,8 @@
 
 Owns ``app`` (the Celery app object, the queue and task names the submitter and
 the workers share) and ``enqueue`` (store an expanded grid's runs, dedupe by
-config hash, publish their messages in batches). Uses the grids (what to run)
+config hash, publish messages in batches) and ``window`` (the broker holds the next
+few messages, topped up from the store as runs finish). Uses the grids (what to run)
 and the store (where runs live); neither of them knows the queue.
 """
 
@@ -17,9 +18,10 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "enqueue": (
             "SubmitReport",
             "pending_ids",
-            "publish_pending",
+            "publish_packs",
             "publish_runs",
             "submit",
         ),
+        "window": ("feed", "feed_quietly", "lost_runs", "mark_for_resend", "queue_size"),
     },
 )

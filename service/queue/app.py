@@ -37,7 +37,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
             "store_processed": False,
             "polling_interval": settings.polling_interval,
         }
+    extra: dict[str, object] = {}
+    if settings.embedded_broker:
+        # kombu's filesystem transport, with each message written whole before it is seen.
+        extra["broker_transport"] = "service.queue.fs_transport:Transport"
     return {
+        **extra,
         "broker_url": broker_url(settings),
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
@@ -62,6 +67,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "broker_pool_limit": 10,
         # Ours, read by service.queue.enqueue.publish_runs: how runs are packed into messages.
         "mlpq_pack_seconds": settings.pack_seconds,
+        # Ours, read by service.queue.window.feed: messages the broker holds at most.
+        "mlpq_window": settings.window,
     }
 
 

@@ -1,9 +1,8 @@
-"""Submit an expanded grid: runs in SQL in one transaction, then one message per run.
+"""Submit an expanded grid: runs in SQL in one transaction, then the broker's window.
 
 Re-submitting (same experiment name or not) is safe. Per config hash:
 
 - queued or running anywhere in the store: not duplicated (``already_queued``);
-  if its message was never sent, it is sent now;
 - succeeded or diverged anywhere: skipped (``skipped_done``) — a run is
   deterministic given its config and seed, so running it again gives the same
   result — unless ``force``, which adds a new run and keeps the old one;
@@ -11,11 +10,13 @@ Re-submitting (same experiment name or not) is safe. Per config hash:
   place (``requeued``), its old metrics and artifacts deleted;
 - otherwise a new run (``new``).
 
-Publishing happens after the commit, in batches on one connection and one
-producer (kombu's ``Producer.batch()`` pipelines the LPUSHes on Redis); each
-batch's runs are marked ``published`` once the broker has them. If the broker
-fails midway, the rest stay queued with ``published = false``; ``publish_pending``
-(or the same submit again) sends them.
+Every run is stored with ``published = false`` and its estimated cost; after the
+commit, ``service.queue.window.feed`` publishes the oldest unsent runs, packed,
+up to the window of messages the broker holds, and the workers publish the rest
+as runs finish. Publishing goes in batches on one connection and one producer
+(kombu's ``Producer.batch()`` pipelines the LPUSHes on Redis); each batch's runs
+are marked ``published`` once the broker has them. If the broker fails midway,
+the rest stay queued with ``published = false`` and go out with the next feed.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ class SubmitReport:
     forced: int = 0  # new runs of configs already done (--force)
     skipped_done: int = 0  # succeeded or diverged somewhere in the store
     already_queued: int = 0  # queued or running somewhere in the store
-    published: int = 0
-    unsent: int = 0  # queued but not handed to the broker
+    published: int = 0  # runs handed to the broker by this submit (the window)
+    unsent: int = 0  # the experiment's queued runs waiting in the store for the window
     publish_error: str | None = None
     run_ids: list[int] = field(default_factory=list)  # runs queued by this submit
 
@@ -138,20 +139,13 @@ def publish_runs(
     batch_size: int | None = None,
     costs: Mapping[int, float] | None = None,
 ) -> int:
-    """Publish ``TRAIN_TASK`` messages for the runs and mark them published.
+    """Publish ``TRAIN_TASK`` messages for the runs now, packed, and mark them published.
 
-    Short runs share a message (``service.queue.packing``; the app's
-    ``mlpq_pack_seconds``, 0 = one run per message): its args are ``[run_id]``
-    for one run, ``[[run_id, ...]]`` for a pack. ``costs`` (run id -> estimated
-    seconds) spares reading the configs of runs the caller knows.
-
-    One connection, one producer; messages go in batches (one Redis pipeline each)
-    and each batch is marked ``published`` once the broker has it. Returns the
-    number of runs sent; raises ``PublishError`` (with ``.sent``) if the broker
-    fails, the runs not sent staying ``published = false``. A message is never
-    dropped, but a batch the broker took without confirming is sent again by a later
-    publish: delivery is at least once, and the worker's claim makes a second
-    message a no-op.
+    Bypasses the window (``service.queue.window.feed`` is the way runs reach the
+    broker); for benchmarks and tests that need a given set of messages. Short
+    runs share a message (``service.queue.packing``; the app's
+    ``mlpq_pack_seconds``, 0 = one run per message). ``costs`` (run id ->
+    estimated seconds) spares reading the configs of runs the caller knows.
     """
     from service.store import get_engine
 
@@ -159,15 +153,41 @@ def publish_runs(
     if not ids:
         return 0
     engine = engine or get_engine()
-    batch_size = batch_size or PUBLISH_BATCH
     target = float(app.conf.get("mlpq_pack_seconds") or 0)
     packs = pack(estimated_costs(engine, ids, costs), target) if target > 0 else [[i] for i in ids]
+    return publish_packs(app, packs, engine=engine, progress=progress, batch_size=batch_size)
+
+
+def publish_packs(
+    app: Celery,
+    packs: Sequence[Sequence[int]],
+    *,
+    engine: Engine,
+    progress: Progress | None = None,
+    batch_size: int | None = None,
+) -> int:
+    """Publish one ``TRAIN_TASK`` message per pack and mark its runs published.
+
+    A message's args are ``[run_id]`` for one run, ``[[run_id, ...]]`` for a pack.
+    One connection, one producer; messages go in batches (one Redis pipeline each)
+    and each batch's runs are marked ``published`` (with ``published_at``) once the
+    broker has it. Returns the number of runs sent; raises ``PublishError`` (with
+    ``.sent``) if the broker fails, the runs not sent staying ``published = false``.
+    A message is never dropped, but a batch the broker took without confirming is
+    sent again by a later publish: delivery is at least once, and the worker's
+    claim makes a second message a no-op.
+    """
+    packs = [list(p) for p in packs if p]
+    total = sum(len(p) for p in packs)
+    if not total:
+        return 0
+    batch_size = batch_size or PUBLISH_BATCH
     amqp = app.amqp
     create = amqp.create_task_message
     send = amqp.send_task_message
     sent = 0
     if progress is not None:
-        progress("publish", 0, len(ids))
+        progress("publish", 0, total)
     # The UPDATE marking a batch published runs in this thread while the next batch
     # is published (on PostgreSQL it costs about as much as the publishing).
     marker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlpq-mark")
@@ -201,11 +221,11 @@ def publish_runs(
                     marks.append(marker.submit(_mark_published, engine, batch_ids))
                     sent += len(batch_ids)
                     if progress is not None:
-                        progress("publish", sent, len(ids))
+                        progress("publish", sent, total)
             except errors as exc:
                 raise PublishError(
-                    f"broker {_broker_url(app)}: publishing failed after {sent} of {len(ids)} "
-                    f"message(s): {_first_line(exc)}",
+                    f"broker {_broker_url(app)}: publishing failed after {sent} of {total} "
+                    f"run(s): {_first_line(exc)}",
                     sent,
                 ) from exc
     finally:
@@ -222,18 +242,27 @@ def _args_repr(ids: Sequence[int]) -> str:
     return f"([{shown}],) {len(ids)} runs"
 
 
-_MARK_PG = text("UPDATE runs SET published = true WHERE id = ANY(CAST(:ids AS integer[]))")
-_MARK_SQLITE = text("UPDATE runs SET published = 1 WHERE id IN (SELECT value FROM json_each(:ids))")
+_MARK_PG = text(
+    "UPDATE runs SET published = true, published_at = :at WHERE id = ANY(CAST(:ids AS integer[]))"
+)
+_MARK_SQLITE = text(
+    "UPDATE runs SET published = 1, published_at = :at "
+    "WHERE id IN (SELECT value FROM json_each(:ids))"
+)
 
 
 def _mark_published(engine: Engine, ids: Sequence[int]) -> None:
     # One array parameter: compiling an IN list of thousands of parameters in this
     # thread would take the GIL from the publishing loop.
+    now = utcnow()
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
-            conn.execute(_MARK_PG, {"ids": list(ids)})
+            conn.execute(_MARK_PG, {"ids": list(ids), "at": now})
         else:
-            conn.execute(_MARK_SQLITE, {"ids": json.dumps(list(ids))})
+            # The timestamp as SQLAlchemy stores it on SQLite, so comparisons in SQL hold.
+            kind = _RUNS.c.published_at.type.dialect_impl(conn.dialect)
+            to_db = kind.bind_processor(conn.dialect) or (lambda v: v)
+            conn.execute(_MARK_SQLITE, {"ids": json.dumps(list(ids)), "at": to_db(now)})
 
 
 def pending_ids(*, engine: Engine, experiment_id: int | None = None) -> list[int]:
@@ -243,20 +272,6 @@ def pending_ids(*, engine: Engine, experiment_id: int | None = None) -> list[int
         cond.append(_RUNS.c.experiment_id == experiment_id)
     with engine.connect() as conn:
         return list(conn.execute(select(_RUNS.c.id).where(*cond).order_by(_RUNS.c.id)).scalars())
-
-
-def publish_pending(
-    *,
-    app: Celery,
-    engine: Engine,
-    experiment_id: int | None = None,
-    progress: Progress | None = None,
-) -> int:
-    """Send the messages of queued runs that were never sent (all, or one experiment's)."""
-    # Under the submit lock: a submitter publishing right now is waited for, not doubled.
-    with submit_lock(engine):
-        ids = pending_ids(engine=engine, experiment_id=experiment_id)
-        return publish_runs(app, ids, engine=engine, progress=progress)
 
 
 # -- the store side -----------------------------------------------------------------------------
@@ -274,6 +289,7 @@ _ROW_KEYS = (
     "seed",
     "max_steps",
     *_PARAM_COLUMNS,
+    "est_seconds",
     "status",
     "published",
     "attempt",
@@ -297,12 +313,20 @@ def run_row(experiment_id: int, run: Any, now: Any) -> dict[str, Any]:
         "seed": config["seed"],
         "max_steps": config["max_steps"],
         **{column: config.get(column) for column in _PARAM_COLUMNS},
+        "est_seconds": _estimate(config),
         "status": RunStatus.queued,
         "published": False,
         "attempt": 0,
         "cancel_requested": False,
         "created_at": now,
     }
+
+
+def _estimate(config: dict[str, Any]) -> float | None:
+    from engine.cost import estimate_seconds
+
+    seconds = estimate_seconds(config)
+    return None if seconds == float("inf") else seconds  # unknown: NULL, packed alone
 
 
 @contextmanager
@@ -464,41 +488,53 @@ def submit(
     force: bool = False,
     progress: Progress | None = None,
 ) -> SubmitReport:
-    """Store ``grid``'s runs in one transaction, then publish one message per queued run.
+    """Store ``grid``'s runs in one transaction, then fill the broker's window from the store.
 
     See the module docstring for what happens to configs already in the store.
-    The broker is checked first, so an unreachable broker writes nothing. A broker
-    failure while publishing does not raise: the report says how many runs stayed
-    unsent (``unsent``, ``publish_error``).
+    The broker is checked first, so an unreachable broker writes nothing. Only a
+    window of messages is published (``service.queue.window``); the rest wait in
+    the store, and the workers publish them as runs finish. A broker failure while
+    publishing does not raise: the runs stay in the store, unsent, and the report
+    says why (``publish_error``).
     """
+    from service.queue.window import feed
+
     check_broker(app)
     with submit_lock(engine):
         with engine.begin() as conn:
-            report, fresh, unsent, configs = _store(conn, grid, force, progress)
+            report, fresh = _store(conn, grid, force, progress)
         report.run_ids = fresh
-        to_publish = sorted(set(fresh) | set(unsent))
-        from engine.cost import estimate_seconds
-
-        costs = {run_id: estimate_seconds(config) for run_id, config in configs.items()}
+        if progress is not None:
+            progress("insert", 1, 1)  # a grid with nothing new still ends the phase
         try:
-            report.published = publish_runs(
-                app, to_publish, engine=engine, progress=progress, costs=costs
-            )
+            report.published = feed(app, engine, block=True, progress=progress)
         except PublishError as exc:
             report.published = exc.sent
             report.publish_error = str(exc)
-    report.unsent = len(to_publish) - report.published
+    report.unsent = _unsent_count(engine, report.experiment_id)
     return report
+
+
+def _unsent_count(engine: Engine, experiment_id: int) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    _RUNS.c.experiment_id == experiment_id,
+                    _RUNS.c.status == RunStatus.queued,
+                    _RUNS.c.published.is_(False),
+                )
+            ).scalar_one()
+        )
 
 
 def _store(
     conn: Connection, grid: Grid, force: bool, progress: Progress | None
-) -> tuple[SubmitReport, list[int], list[int], dict[int, dict[str, Any]]]:
+) -> tuple[SubmitReport, list[int]]:
     """Write the grid's runs in the caller's transaction.
 
-    Returns the report so far, the ids of the runs queued now (new, forced,
-    requeued), the ids of runs already queued whose message was never sent, and
-    the configs of the new runs by id.
+    Returns the report so far and the ids of the runs queued now (new, forced,
+    requeued).
     """
     if grid.datasets:
         from service.store import store_dataset  # the ingest module (NumPy): CSV grids only
@@ -511,13 +547,11 @@ def _store(
     now = utcnow()
     rows: list[dict[str, Any]] = []
     requeue: list[int] = []
-    unsent: list[int] = []
     for run in grid.runs:
         matches = existing.get(run.config_hash, ())
         in_flight = [m for m in matches if m[2] in _IN_FLIGHT]
         if in_flight:
             report.already_queued += 1
-            unsent.extend(m[0] for m in in_flight if m[2] is RunStatus.queued and not m[3])
             continue
         if any(m[2] in _DONE for m in matches):
             if not force:
@@ -535,5 +569,4 @@ def _store(
     report.requeued = len(requeue)
     new_ids = _insert_runs(conn, rows, progress)
     _requeue(conn, requeue)
-    configs = {run_id: row["config"] for run_id, row in zip(new_ids, rows, strict=True)}
-    return report, new_ids + requeue, unsent, configs
+    return report, new_ids + requeue

@@ -23,18 +23,23 @@ MIN_MESSAGES = 32
 _CONFIG_CHUNK = 5000
 
 
-def pack(costs: Sequence[tuple[int, float]], target: float) -> list[list[int]]:
+def pack(
+    costs: Sequence[tuple[int, float]], target: float, *, spread: bool = True
+) -> list[list[int]]:
     """Consecutive runs grouped into packs of estimated seconds up to ``target``.
 
     ``costs`` is (run id, estimated seconds) in publishing order; the order is
     kept. A run estimated at ``target`` or more travels alone; ``target <= 0``
-    gives one run per pack.
+    gives one run per pack. ``spread``: the runs are all there is to run, so a
+    small total is split over at least ``MIN_MESSAGES`` packs (off when ``costs``
+    is the head of a longer queue).
     """
     if target <= 0:
         return [[run_id] for run_id, _ in costs]
-    finite = [c for _, c in costs if c != float("inf")]
-    spread = sum(finite) / MIN_MESSAGES if finite else target
-    limit = min(target, spread)
+    limit = target
+    if spread:
+        finite = [c for _, c in costs if c != float("inf")]
+        limit = min(target, sum(finite) / MIN_MESSAGES if finite else target)
     packs: list[list[int]] = []
     current: list[int] = []
     total = 0.0

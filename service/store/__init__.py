@@ -57,7 +57,6 @@ __all__, __getattr__, __dir__ = lazy_exports(
             "get_experiment",
             "heartbeat",
             "mark_unsent",
-            "orphans",
             "prepare_resume",
             "queued_published",
             "reap_stale",

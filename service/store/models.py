@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -88,6 +89,12 @@ class Run(Base):
         Index("ix_runs_experiment_status", "experiment_id", "status"),
         Index("ix_runs_config_hash", "config_hash"),
         Index("ix_runs_status_heartbeat", "status", "heartbeat_at"),
+        Index(
+            "ix_runs_unsent",
+            "id",
+            postgresql_where=text("status = 'queued' AND NOT published"),
+            sqlite_where=text("status = 'queued' AND NOT published"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -115,6 +122,11 @@ class Run(Base):
     )
     # False until the run's message was handed to the broker (queued-but-unsent otherwise).
     published: Mapped[bool] = mapped_column(Boolean, default=False)
+    # When the message was handed to the broker (the window: a run still queued long
+    # after later ones started lost its message, and is published again).
+    published_at: Mapped[datetime | None]
+    # Estimated training seconds (engine.cost), for packing short runs into one message.
+    est_seconds: Mapped[float | None] = mapped_column(Double)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None]

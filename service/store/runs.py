@@ -811,22 +811,6 @@ def requeue_dead_owners(*, session: Session | Connection) -> list[int]:
     return ids
 
 
-def orphans(*, session: Session, older_than: float, now: datetime | None = None) -> list[int]:
-    """Ids of queued runs created over ``older_than`` seconds ago and never handed to the broker.
-
-    Their submitter died between its commit and its publish (``mlpq retry``
-    sends them too). The age skips runs a submitter may be publishing right now.
-    """
-    cutoff = (now or utcnow()) - timedelta(seconds=older_than)
-    return list(
-        session.execute(
-            select(Run.id)
-            .where(Run.status == RunStatus.queued, ~Run.published, Run.created_at < cutoff)
-            .order_by(Run.id)
-        ).scalars()
-    )
-
-
 def mark_unsent(*, session: Session | Connection, experiment_id: int) -> int:
     """Mark the experiment's queued runs as never sent, so the next publish sends them all.
 
@@ -841,16 +825,16 @@ def mark_unsent(*, session: Session | Connection, experiment_id: int) -> int:
 
 
 def queued_published(
-    *, session: Session | Connection, created_before: datetime | None = None
+    *, session: Session | Connection, published_before: datetime | None = None
 ) -> list[int]:
     """Ids of queued runs whose message was handed to the broker (and not yet claimed).
 
-    ``created_before``: only runs stored before then (a message just published may be
-    in a worker's hands, between the broker and the claim).
+    ``published_before``: only runs whose message went out before then (a message just
+    published may be in a worker's hands, between the broker and the claim).
     """
     query = select(Run.id).where(Run.status == RunStatus.queued, Run.published)
-    if created_before is not None:
-        query = query.where(Run.created_at < created_before)
+    if published_before is not None:
+        query = query.where(Run.published_at < published_before)
     return list(session.execute(query.order_by(Run.id)).scalars())
 
 

@@ -61,7 +61,7 @@ CREATE TABLE runs (
 	best_val_r2 DOUBLE, 
 	iterations INTEGER, 
 	evaluations DOUBLE, 
-	wall_seconds DOUBLE, 
+	wall_seconds DOUBLE, published_at DATETIME, est_seconds DOUBLE, 
 	CONSTRAINT pk_runs PRIMARY KEY (id), 
 	CONSTRAINT fk_runs_experiment_id_experiments FOREIGN KEY(experiment_id) REFERENCES experiments (id) ON DELETE CASCADE, 
 	CONSTRAINT ck_runs_status CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'diverged', 'cancelled'))
@@ -204,4 +204,6 @@ FROM run_summary
 WHERE status = 'succeeded'
 GROUP BY experiment_id, experiment, dataset, optimizer, hidden, activation, max_steps, learning_rate, batch_size, momentum, step_size, temperature, candidates;
 
-INSERT INTO alembic_version (version_num) VALUES ('0003');
+CREATE INDEX ix_runs_unsent ON runs (id) WHERE status = 'queued' AND NOT published;
+
+INSERT INTO alembic_version (version_num) VALUES ('0004');

@@ -78,7 +78,7 @@ def test_a_grid_file_is_submitted_and_a_second_submit_adds_nothing(
     first = mlpq("submit", "grid.yaml", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr
     assert "cli (created, id 1): 12 run(s) in the grid: 12 new" in first.stdout
-    assert "12 message(s) published" in first.stdout
+    assert "12 run(s) sent to the broker" in first.stdout
     second = mlpq("submit", "grid.yaml", cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr
     assert "0 new" in second.stdout and "12 already queued/running" in second.stdout

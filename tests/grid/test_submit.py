@@ -14,7 +14,7 @@ from sqlalchemy import Engine, func, select, update
 
 from service.exceptions import BrokerError
 from service.grids import Grid, expand_grid, parse_grid
-from service.queue import QUEUE, TRAIN_TASK, make_app, pending_ids, publish_pending, submit
+from service.queue import QUEUE, TRAIN_TASK, feed, make_app, pending_ids, submit
 from service.settings import load_settings
 from service.store import Dataset, Experiment, Run, RunStatus, make_engine, write_metrics
 
@@ -217,7 +217,7 @@ def test_an_unreachable_broker_fails_before_anything_is_written(
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("resend", ["resubmit", "publish_pending"])
+@pytest.mark.parametrize("resend", ["resubmit", "feed"])
 def test_a_broker_dying_midway_leaves_unsent_runs_queued_and_they_are_sent_exactly_once(
     engine: Engine,
     redis_server: Any,
@@ -251,8 +251,8 @@ def test_a_broker_dying_midway_leaves_unsent_runs_queued_and_they_are_sent_exact
         again = submit(grid=grid, engine=engine, app=app)
         assert (again.new, again.already_queued, again.published) == (0, 24, 14)
     else:
-        assert publish_pending(app=app, engine=engine, experiment_id=report.experiment_id) == 14
-    assert publish_pending(app=app, engine=engine) == 0
+        assert feed(app, engine, block=True) == 14
+    assert feed(app, engine, block=True) == 0
     sent = sorted(task_args(m)[0] for m in queued_messages(client))
     assert sent == [r.id for r in stored]  # every run once, none twice
     assert all(r.published for r in rows(engine))

@@ -6,7 +6,7 @@ import io
 import math
 import subprocess
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from sqlalchemy import Engine, select
 from worker_testlib import TINY_BACKPROP, add_runs, metric_steps, run_rows
 
 from engine.metrics import RECORD_FIELDS
+from service.queue import pending_ids
 from service.store import (
     Artifact,
     ArtifactKind,
@@ -28,7 +29,6 @@ from service.store import (
     finish_run,
     heartbeat,
     metrics,
-    orphans,
     prepare_resume,
     reap_stale,
     requeue_dead_owners,
@@ -430,9 +430,43 @@ def test_reap_requeues_stale_runs_and_settles_cancelled_and_exhausted(
         RunStatus.failed,
         RunStatus.queued,
     ]
-    with _session(store_engine) as session:
-        assert orphans(session=session, older_than=STALE) == []
-        assert orphans(session=session, older_than=STALE, now=later) == [ids[0], ids[3]]
+    # The requeued run waits, unsent, for the window beside the never-claimed one.
+    assert pending_ids(engine=store_engine) == [ids[0], ids[3]]
+
+
+def test_lost_runs_are_those_published_well_before_a_run_in_progress(
+    store_engine: Engine,
+) -> None:
+    from service.queue import lost_runs, mark_for_resend
+
+    ids = add_runs(store_engine, [{**TINY_BACKPROP, "seed": s} for s in range(4)])
+    t0 = utcnow() - timedelta(seconds=100)
+    with store_engine.begin() as conn:
+        for run_id, age in zip(ids, (0, 3, 35, 40), strict=True):
+            conn.execute(
+                Run.__table__.update()
+                .where(Run.id == run_id)
+                .values(published=True, published_at=t0 + timedelta(seconds=age))
+            )
+
+    def lost(queue_empty: bool, now: datetime) -> list[int]:
+        with store_engine.connect() as conn:
+            return lost_runs(conn, grace_seconds=10, queue_empty=queue_empty, now=now)
+
+    # Nothing in progress and a queue that holds messages: nothing can be told lost.
+    assert lost(False, utcnow()) == []
+    # The queue is empty: whatever went out over 10 s before now (+40 s) is gone.
+    assert lost(True, t0 + timedelta(seconds=40)) == ids[:2]
+    assert lost(True, t0 + timedelta(seconds=46)) == ids[:3]
+    # Run 3 (published at +40 s) is training: runs published over 10 s before it were
+    # skipped by the queue (oldest first), so their messages are gone; run 2 (+35 s) is not.
+    _claim(store_engine, ids[3], "w:1")
+    assert lost(False, utcnow()) == ids[:2]
+    with store_engine.begin() as conn:
+        assert mark_for_resend(conn, ids[:2]) == 2
+        assert mark_for_resend(conn, ids[:2]) == 0  # unsent already
+    assert pending_ids(engine=store_engine) == ids[:2]
+    assert lost(False, utcnow()) == []
 
 
 @pytest.mark.postgres

@@ -441,7 +441,7 @@ def test_a_queued_run_whose_message_the_broker_lost_is_sent_again_by_the_reaper(
         conn.execute(
             update(Run)
             .where(Run.id.in_(ids))
-            .values(published=True, created_at=utcnow() - timedelta(seconds=30))
+            .values(published=True, published_at=utcnow() - timedelta(seconds=30))
         )
     worker = cluster.start_worker("w1")
     rows = cluster.wait_finished(ids, timeout=30)

@@ -1,0 +1,244 @@
+"""The window: the broker holds the next few messages of the queue, never the grid.
+
+The SQL store is the one truth about what is queued. ``mlpq submit`` stores every
+run with ``published = false`` and calls ``feed``, which hands the broker only a
+window of messages; whoever is alive calls ``feed`` again as runs finish and
+tops the window up from SQL: every worker process after each message it
+finishes, each worker's reaper thread every few seconds, and ``mlpq run`` while it
+waits. So a grid finishes with the submitting command long gone, and Redis holds
+at most ``window`` messages whatever the size of the grid.
+
+One feeder at a time, under a lock held in the store (a PostgreSQL advisory
+lock keyed by the schema, a file lock beside an SQLite database). Workers only
+try it: a worker that finds it held goes on, since the holder is filling the same
+window. The feeder counts the messages waiting in the broker's queue, and
+publishes enough of the oldest unsent runs (``ix_runs_unsent``, id order) to
+bring it up to the window, packed by their estimated cost
+(``service.queue.packing``). Runs put back in the queue (retried, reaped,
+handed back, or whose message the broker lost) are marked unsent and go out
+through the same window, oldest first.
+
+The default window is ``DEFAULT_WINDOW`` messages, and at least
+``RUNNING_FACTOR`` times the runs in progress, so a cluster of many workers is
+never starved by it (``MLPQ_WINDOW`` sets it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Connection, Engine, func, select, text
+
+from service.exceptions import BrokerError
+from service.queue.enqueue import Progress, publish_packs
+from service.queue.names import QUEUE
+from service.queue.packing import estimated_costs, pack
+
+try:
+    import fcntl
+except ImportError:  # Windows: SQLite feeders are not serialized there
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("mlpq.window")
+
+#: Messages in the broker when neither MLPQ_WINDOW nor the runs in progress ask for more.
+DEFAULT_WINDOW = 64
+#: The automatic window is at least this many times the runs in progress.
+RUNNING_FACTOR = 4
+#: Unsent runs read per message of room, at first (more when their packs come out short).
+ROWS_PER_MESSAGE = 64
+
+_COUNT_RUNNING = text("SELECT count(*) FROM runs WHERE status = 'running'")
+_NEXT_UNSENT = text(
+    "SELECT id, est_seconds FROM runs WHERE status = 'queued' AND NOT published "
+    "ORDER BY id LIMIT :n"
+)
+
+
+def queue_size(app: Celery) -> int | None:
+    """Messages waiting in the train queue (not those a worker holds), None if unknown."""
+    from amqp.exceptions import NotFound
+    from kombu.exceptions import ChannelError
+
+    try:
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            size = getattr(channel, "_size", None)  # kombu's virtual transports: Redis, files
+            if size is not None:
+                return int(size(QUEUE))
+            return int(channel.queue_declare(queue=QUEUE, passive=True).message_count)
+    except (ChannelError, NotFound):
+        return 0  # no such queue yet (Redis drops an empty list): nothing in it
+    except Exception as exc:
+        log.debug("window: cannot read the queue's size: %s", exc)
+        return None
+
+
+def window_size(app: Celery, running: int) -> int:
+    """Messages the broker should hold: ``mlpq_window``, or the automatic size."""
+    configured = int(app.conf.get("mlpq_window") or 0)
+    if configured > 0:
+        return configured
+    return max(DEFAULT_WINDOW, RUNNING_FACTOR * running)
+
+
+@contextmanager
+def feed_lock(engine: Engine, *, block: bool) -> Iterator[bool]:
+    """Hold the store's feeder lock; yields False (at once) if ``block`` is off and it is held."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            key = conn.execute(text("SELECT hashtext(current_schema() || '.mlpq.feed')")).scalar()
+            call = "pg_advisory_lock" if block else "pg_try_advisory_lock"
+            got = conn.execute(text(f"SELECT {call}(:k)"), {"k": key}).scalar()
+            got = True if block else bool(got)
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+        return
+    database = engine.url.database
+    if not database or database == ":memory:" or fcntl is None:
+        yield True
+        return
+    with open(f"{database}.feed-lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if block else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def feed(
+    app: Celery, engine: Engine, *, block: bool = False, progress: Progress | None = None
+) -> int:
+    """Top the broker's window up from the store; returns the runs published.
+
+    ``block``: wait for another feeder to finish (submit, retry, a hand-back), rather
+    than leave the window to it (a worker between two messages). A broker failure
+    raises ``PublishError`` (from ``publish_packs``): the runs not sent stay unsent.
+    """
+    with feed_lock(engine, block=block) as held:
+        if not held:
+            return 0
+        waiting = queue_size(app)
+        if waiting is None:
+            return 0  # the broker cannot be asked: the next feed tries again
+        with engine.connect() as conn:
+            running = int(conn.execute(_COUNT_RUNNING).scalar() or 0)
+            room = window_size(app, running) - waiting
+            if room <= 0:
+                return 0
+            packs = _next_packs(conn, engine, room, float(app.conf.get("mlpq_pack_seconds") or 0))
+        if not packs:
+            return 0
+        return publish_packs(app, packs, engine=engine, progress=progress)
+
+
+def _next_packs(conn: Connection, engine: Engine, room: int, target: float) -> list[list[int]]:
+    """The next ``room`` messages' worth of unsent runs, oldest first, packed."""
+    limit = room * (ROWS_PER_MESSAGE if target > 0 else 1)
+    while True:
+        rows = conn.execute(_NEXT_UNSENT, {"n": limit}).all()
+        conn.rollback()  # end the read; the marks are written by publish_packs
+        known = {run_id: float(est) for run_id, est in rows if est is not None}
+        costs = estimated_costs(engine, [run_id for run_id, _ in rows], known)
+        everything = len(rows) < limit  # the rest of the queue: spread it over the workers
+        packs = pack(costs, target, spread=everything)
+        if everything or len(packs) > room:
+            return packs[:room]
+        limit *= 8  # the packs came out longer than the rows read: read further
+
+
+def feed_quietly(app: Celery, engine: Engine, *, block: bool = False) -> int:
+    """``feed``, logging rather than raising a broker or store failure (callers go on)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return feed(app, engine, block=block)
+    except (BrokerError, SQLAlchemyError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning("window: topping up failed (the next feed tries again): %s", first)
+        return 0
+
+
+# -- messages the broker lost --------------------------------------------------------------------
+
+
+def _runs() -> Any:
+    from service.store import Run
+
+    return Run.__table__
+
+
+def _queued() -> Any:
+    from service.store import RunStatus
+
+    return RunStatus.queued
+
+
+def _running() -> Any:
+    from service.store import RunStatus
+
+    return RunStatus.running
+
+
+def mark_for_resend(conn: Connection, run_ids: list[int]) -> int:
+    """Mark queued runs as not in the broker, so the next feed publishes them again."""
+    runs = _runs()
+    done = 0
+    for start in range(0, len(run_ids), 5000):
+        chunk = run_ids[start : start + 5000]
+        done += conn.execute(
+            runs.update()
+            .where(runs.c.id.in_(chunk), runs.c.status == _queued(), runs.c.published)
+            .values(published=False)
+        ).rowcount
+    return done
+
+
+def lost_runs(
+    conn: Connection, *, grace_seconds: float, queue_empty: bool, now: datetime
+) -> list[int]:
+    """Queued runs whose message the broker no longer holds, by what SQL knows.
+
+    The queue hands messages out oldest first, so a run published over
+    ``grace_seconds`` before a run that is training now was skipped: its message
+    is gone (a broker restart without its last writes, a message in flight). When
+    the queue is empty, any run published over ``grace_seconds`` ago is lost too.
+    A run sent twice is trained once (the claim decides).
+    """
+    runs = _runs()
+    cutoffs: list[datetime] = []
+    newest = conn.execute(
+        select(func.max(runs.c.published_at)).where(runs.c.status == _running())
+    ).scalar()
+    if newest is not None:
+        cutoffs.append(_aware(newest) - timedelta(seconds=grace_seconds))
+    if queue_empty:
+        cutoffs.append(now - timedelta(seconds=grace_seconds))
+    if not cutoffs:
+        return []
+    query = (
+        select(runs.c.id)
+        .where(runs.c.status == _queued(), runs.c.published, runs.c.published_at < max(cutoffs))
+        .order_by(runs.c.id)
+    )
+    return list(conn.execute(query).scalars())
+
+
+def _aware(value: datetime) -> datetime:
+    from datetime import UTC
+
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
