@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from time import monotonic
 from typing import Any
 
 from kombu.exceptions import ChannelError
@@ -22,9 +23,7 @@ from kombu.utils.json import dumps
 class Channel(filesystem.Channel):
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         """Put ``payload`` onto ``queue``: written aside, then renamed into the folder."""
-        from time import monotonic
-
-        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = f"{final}.part"  # not "<queue>.msg" after the first dot: never consumed
         try:
