@@ -256,9 +256,10 @@ class RedisServer:
     """A redis-server of one test: append-only file fsynced on every write, so a SIGKILL
     loses nothing acknowledged and a restart finds every message again."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, persist: bool = True) -> None:
         self.port = free_port()
         self.dir = directory
+        self.persist = persist  # False: nothing on disk, a restart starts empty
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -273,7 +274,10 @@ class RedisServer:
             pytest.fail("redis-server is not installed", pytrace=False)
         self.dir.mkdir(parents=True, exist_ok=True)
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        if self.persist:
+            args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        else:
+            args += ["--appendonly", "no", "--save", ""]
         self.proc = subprocess.Popen(
             [binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -308,6 +312,15 @@ class RedisServer:
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A started redis-server of this test's own on a free port, killed after the test."""
     server = RedisServer(tmp_path / "redis-server")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def volatile_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started redis-server of this test's own that keeps nothing on disk (as CI's)."""
+    server = RedisServer(tmp_path / "redis-volatile", persist=False)
     server.start()
     yield server
     server.kill()

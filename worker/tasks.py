@@ -120,19 +120,26 @@ def _top_up() -> None:
     """Top the broker's window up from the store (unless another process is at it)."""
     from service.queue import feed_quietly
     from service.store import get_engine
+    from worker.training import kept_connection
 
-    feed_quietly(app, get_engine())
+    engine = get_engine()
+    with kept_connection(engine) as conn:
+        feed_quietly(app, engine, conn=conn)
 
 
 def _send_again(run_ids: list[int]) -> None:
     """Put back in the window the runs of a pack this process will not train (told to stop)."""
     from service.queue import feed_quietly, mark_for_resend
     from service.store import get_engine
+    from worker.training import kept_connection
 
     engine = get_engine()
-    with engine.begin() as conn:
-        mark_for_resend(conn, run_ids)  # the handed-back run is unsent already; its pack-mates now
-    feed_quietly(app, engine, block=True)
+    with kept_connection(engine) as conn:
+        # The handed-back run is unsent already; its pack-mates are marked now.
+        mark_for_resend(conn, run_ids)
+        if conn.in_transaction():
+            conn.commit()
+        feed_quietly(app, engine, block=True, conn=conn)
 
 
 @app.task(name=REAP_TASK, ignore_result=True)

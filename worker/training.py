@@ -189,6 +189,24 @@ def _one_write(conn: Connection) -> Iterator[None]:
 _KEPT: dict[tuple[Engine, int], Connection] = {}
 
 
+@contextmanager
+def kept_connection(engine: Engine) -> Iterator[Connection]:
+    """This process's kept connection to the store, for work between two runs.
+
+    A worker process holds one connection to the store; whatever it does besides
+    its runs (topping the window up, handing runs back) borrows that one.
+    """
+    conn = _KEPT.pop((engine, os.getpid()), None)
+    if conn is None or conn.closed or conn.invalidated:
+        conn = _connect(engine)
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction():
+            conn.rollback()
+        _keep(engine, conn)
+
+
 def _connect(engine: Engine) -> Connection:
     conn = engine.connect()
     if conn.dialect.name == "postgresql":

@@ -163,6 +163,7 @@ def publish_packs(
     packs: Sequence[Sequence[int]],
     *,
     engine: Engine,
+    conn: Connection | None = None,
     progress: Progress | None = None,
     batch_size: int | None = None,
 ) -> int:
@@ -176,6 +177,9 @@ def publish_packs(
     A message is never dropped, but a batch the broker took without confirming is
     sent again by a later publish: delivery is at least once, and the worker's
     claim makes a second message a no-op.
+
+    ``conn``: mark on this connection, in its transaction (the caller commits), rather
+    than in transactions of their own beside the publishing.
     """
     packs = [list(p) for p in packs if p]
     total = sum(len(p) for p in packs)
@@ -193,10 +197,10 @@ def publish_packs(
     marker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlpq-mark")
     marks: list[Future[None]] = []
     try:
-        with app.connection_for_write() as conn:
-            errors = _broker_errors(app, conn)
+        with app.connection_for_write() as broker:
+            errors = _broker_errors(app, broker)
             try:
-                producer = amqp.Producer(conn, auto_declare=False)
+                producer = amqp.Producer(broker, auto_declare=False)
                 # Declared once here: per message, kombu would re-bind a copy of the
                 # queue (about half of the publishing time).
                 producer.maybe_declare(amqp.queues[QUEUE])
@@ -218,7 +222,10 @@ def publish_packs(
                             )
                     # The batch left the with-block flushed: the broker has it.
                     batch_ids = [run_id for ids_ in chunk for run_id in ids_]
-                    marks.append(marker.submit(_mark_published, engine, batch_ids))
+                    if conn is not None:
+                        _mark(conn, batch_ids)
+                    else:
+                        marks.append(marker.submit(_mark_published, engine, batch_ids))
                     sent += len(batch_ids)
                     if progress is not None:
                         progress("publish", sent, total)
@@ -252,17 +259,21 @@ _MARK_SQLITE = text(
 
 
 def _mark_published(engine: Engine, ids: Sequence[int]) -> None:
-    # One array parameter: compiling an IN list of thousands of parameters in this
-    # thread would take the GIL from the publishing loop.
-    now = utcnow()
     with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(_MARK_PG, {"ids": list(ids), "at": now})
-        else:
-            # The timestamp as SQLAlchemy stores it on SQLite, so comparisons in SQL hold.
-            kind = _RUNS.c.published_at.type.dialect_impl(conn.dialect)
-            to_db = kind.bind_processor(conn.dialect) or (lambda v: v)
-            conn.execute(_MARK_SQLITE, {"ids": json.dumps(list(ids)), "at": to_db(now)})
+        _mark(conn, ids)
+
+
+def _mark(conn: Connection, ids: Sequence[int]) -> None:
+    # One array parameter: compiling an IN list of thousands of parameters in the
+    # marking thread would take the GIL from the publishing loop.
+    now = utcnow()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_MARK_PG, {"ids": list(ids), "at": now})
+    else:
+        # The timestamp as SQLAlchemy stores it on SQLite, so comparisons in SQL hold.
+        kind = _RUNS.c.published_at.type.dialect_impl(conn.dialect)
+        to_db = kind.bind_processor(conn.dialect) or (lambda v: v)
+        conn.execute(_MARK_SQLITE, {"ids": json.dumps(list(ids)), "at": to_db(now)})
 
 
 def pending_ids(*, engine: Engine, experiment_id: int | None = None) -> list[int]:

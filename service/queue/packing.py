@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 #: A batch of runs is split into at least this many messages when it has the runs.
 MIN_MESSAGES = 32
@@ -55,25 +55,38 @@ def pack(
 
 
 def estimated_costs(
-    engine: Engine, run_ids: Iterable[int], known: Mapping[int, float] | None = None
+    store: Engine | Connection,
+    run_ids: Iterable[int],
+    known: Mapping[int, float] | None = None,
 ) -> list[tuple[int, float]]:
-    """(run id, estimated seconds) for ``run_ids``, reading configs not in ``known``."""
+    """(run id, estimated seconds) for ``run_ids``, reading configs not in ``known``.
+
+    ``store``: an engine, or a connection to read on (in its transaction).
+    """
     from engine.cost import estimate_seconds
 
     ids = list(run_ids)
     costs = dict(known or {})
     missing = [i for i in ids if i not in costs]
+    sqlite = store.dialect.name == "sqlite"
+    query = (
+        text("SELECT id, config FROM runs WHERE id IN (SELECT value FROM json_each(:ids))")
+        if sqlite
+        else text("SELECT id, config FROM runs WHERE id = ANY(CAST(:ids AS integer[]))")
+    )
     for start in range(0, len(missing), _CONFIG_CHUNK):
         chunk = missing[start : start + _CONFIG_CHUNK]
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text("SELECT id, config FROM runs WHERE id IN (SELECT value FROM json_each(:ids))")
-                if engine.dialect.name == "sqlite"
-                else text("SELECT id, config FROM runs WHERE id = ANY(CAST(:ids AS integer[]))"),
-                {"ids": json.dumps(chunk) if engine.dialect.name == "sqlite" else chunk},
-            ).all()
+        params = {"ids": json.dumps(chunk) if sqlite else chunk}
+        if isinstance(store, Connection):
+            rows = store.execute(query, params).all()
+        else:
+            with store.connect() as conn:
+                rows = conn.execute(query, params).all()
         for run_id, config in rows:
-            costs[run_id] = estimate_seconds(_mapping(config))
+            try:
+                costs[run_id] = estimate_seconds(_mapping(config))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                costs[run_id] = float("inf")  # not a config we can estimate: it travels alone
     return [(i, costs.get(i, float("inf"))) for i in ids]
 
 

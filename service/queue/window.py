@@ -89,22 +89,33 @@ def window_size(app: Celery, running: int) -> int:
 
 @contextmanager
 def feed_lock(engine: Engine, *, block: bool) -> Iterator[bool]:
-    """Hold the store's feeder lock; yields False (at once) if ``block`` is off and it is held."""
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            key = conn.execute(text("SELECT hashtext(current_schema() || '.mlpq.feed')")).scalar()
-            call = "pg_advisory_lock" if block else "pg_try_advisory_lock"
-            got = conn.execute(text(f"SELECT {call}(:k)"), {"k": key}).scalar()
-            got = True if block else bool(got)
-            conn.commit()
-            try:
-                yield got
-            finally:
-                if got:
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    conn.commit()
+    """Hold the store's feeder lock on a connection of its own (tests, tools)."""
+    with engine.connect() as conn, _locked(conn, block=block) as held:
+        yield held
+
+
+@contextmanager
+def _locked(conn: Connection, *, block: bool) -> Iterator[bool]:
+    """The feeder lock; yields False at once if another holds it and ``block`` is off.
+
+    PostgreSQL: a session advisory lock keyed by the schema (it works on a connection
+    in autocommit, a worker's, and goes with the session if the process dies).
+    SQLite: a file lock beside the database (one machine).
+    """
+    if conn.dialect.name == "postgresql":
+        key = conn.execute(text("SELECT hashtext(current_schema() || '.mlpq.feed')")).scalar()
+        call = "pg_advisory_lock" if block else "pg_try_advisory_lock"
+        got = conn.execute(text(f"SELECT {call}(:k)"), {"k": key}).scalar()
+        held = True if block else bool(got)
+        try:
+            yield held
+        finally:
+            if held:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            if conn.in_transaction():
+                conn.commit()
         return
-    database = engine.url.database
+    database = conn.engine.url.database
     if not database or database == ":memory:" or fcntl is None:
         yield True
         return
@@ -121,39 +132,54 @@ def feed_lock(engine: Engine, *, block: bool) -> Iterator[bool]:
 
 
 def feed(
-    app: Celery, engine: Engine, *, block: bool = False, progress: Progress | None = None
+    app: Celery,
+    engine: Engine,
+    *,
+    block: bool = False,
+    progress: Progress | None = None,
+    conn: Connection | None = None,
 ) -> int:
     """Top the broker's window up from the store; returns the runs published.
 
     ``block``: wait for another feeder to finish (submit, retry, a hand-back), rather
-    than leave the window to it (a worker between two messages). A broker failure
-    raises ``PublishError`` (from ``publish_packs``): the runs not sent stay unsent.
+    than leave the window to it (a worker between two messages). ``conn``: the
+    connection to use (a worker process keeps to one connection to the store);
+    the lock, the reads and the marks all go through it. A broker failure raises
+    ``PublishError`` (from ``publish_packs``), the runs sent before it marked and the
+    others left unsent.
     """
-    with feed_lock(engine, block=block) as held:
-        if not held:
-            return 0
-        waiting = queue_size(app)
-        if waiting is None:
-            return 0  # the broker cannot be asked: the next feed tries again
-        with engine.connect() as conn:
-            running = int(conn.execute(_COUNT_RUNNING).scalar() or 0)
-            room = window_size(app, running) - waiting
-            if room <= 0:
+    if conn is None:
+        with engine.connect() as own:
+            return feed(app, engine, block=block, progress=progress, conn=own)
+    try:
+        with _locked(conn, block=block) as held:
+            packs = _packs_for_room(app, conn) if held else []
+            if not packs:
                 return 0
-            packs = _next_packs(conn, engine, room, float(app.conf.get("mlpq_pack_seconds") or 0))
-        if not packs:
-            return 0
-        return publish_packs(app, packs, engine=engine, progress=progress)
+            return publish_packs(app, packs, engine=engine, conn=conn, progress=progress)
+    finally:
+        if conn.in_transaction():
+            conn.commit()  # the marks of what went out (SQLite: and its write lock)
 
 
-def _next_packs(conn: Connection, engine: Engine, room: int, target: float) -> list[list[int]]:
+def _packs_for_room(app: Celery, conn: Connection) -> list[list[int]]:
+    waiting = queue_size(app)
+    if waiting is None:
+        return []  # the broker cannot be asked: the next feed tries again
+    running = int(conn.execute(_COUNT_RUNNING).scalar() or 0)
+    room = window_size(app, running) - waiting
+    if room <= 0:
+        return []
+    return _next_packs(conn, room, float(app.conf.get("mlpq_pack_seconds") or 0))
+
+
+def _next_packs(conn: Connection, room: int, target: float) -> list[list[int]]:
     """The next ``room`` messages' worth of unsent runs, oldest first, packed."""
     limit = room * (ROWS_PER_MESSAGE if target > 0 else 1)
     while True:
         rows = conn.execute(_NEXT_UNSENT, {"n": limit}).all()
-        conn.rollback()  # end the read; the marks are written by publish_packs
         known = {run_id: float(est) for run_id, est in rows if est is not None}
-        costs = estimated_costs(engine, [run_id for run_id, _ in rows], known)
+        costs = estimated_costs(conn, [run_id for run_id, _ in rows], known)
         everything = len(rows) < limit  # the rest of the queue: spread it over the workers
         packs = pack(costs, target, spread=everything)
         if everything or len(packs) > room:
@@ -161,12 +187,14 @@ def _next_packs(conn: Connection, engine: Engine, room: int, target: float) -> l
         limit *= 8  # the packs came out longer than the rows read: read further
 
 
-def feed_quietly(app: Celery, engine: Engine, *, block: bool = False) -> int:
+def feed_quietly(
+    app: Celery, engine: Engine, *, block: bool = False, conn: Connection | None = None
+) -> int:
     """``feed``, logging rather than raising a broker or store failure (callers go on)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        return feed(app, engine, block=block)
+        return feed(app, engine, block=block, conn=conn)
     except (BrokerError, SQLAlchemyError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         log.warning("window: topping up failed (the next feed tries again): %s", first)

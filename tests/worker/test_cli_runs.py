@@ -163,14 +163,14 @@ def test_cancel_and_retry_from_the_command_line(
         retry = _mlpq("retry", "e1", "--failed", cwd=tmp_path, env=cli_env)
         assert retry.returncode == 0, retry.stderr
         assert "1 finished run(s) restarted" in retry.stdout
-        assert "1 message(s) published" in retry.stdout
+        assert "1 run(s) sent to the broker" in retry.stdout
         rows = run_rows(engine)
         assert RunStatus(rows[a].status) is RunStatus.queued and rows[a].published
         assert rows[a].error is None
 
         again = _mlpq("retry", "e1", "--queued", cwd=tmp_path, env=cli_env)
         assert again.returncode == 0, again.stderr
-        assert "1 message(s) published" in again.stdout  # run a, queued and already sent
+        assert "1 run(s) sent to the broker" in again.stdout  # run a, queued and already sent
 
         missing = _mlpq("cancel", "nope", cwd=tmp_path, env=cli_env)
         assert missing.returncode == 2
