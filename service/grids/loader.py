@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.exceptions import GridError
-from service.grids.canonical import canonical_json, fast_canonical_json
+from service.grids.canonical import canonical_json
 from service.grids.datasets import CsvFile
 from service.grids.files import GRID_SUFFIXES, read_grid_file
 from service.grids.keys import TIME_LIMIT_KEY
@@ -191,17 +191,17 @@ def expand_grid(
     seen: set[str] = set()
     excluded = duplicates = done = 0
     every = max(1, upper // 100)
-    sha256, canonical = hashlib.sha256, fast_canonical_json  # config_hash, faster
+    sha256 = hashlib.sha256  # config_hash of the JSON text block_configs made
     with no_gc():
         for block, dims, rules in plan:
-            for config in block_configs(resolver, block, dims):
+            for config, text in block_configs(resolver, block, dims):
                 done += 1
                 if progress is not None and done % every == 0:
                     progress("expand", done, upper)
                 if rules and _excluded(config, rules):
                     excluded += 1
                     continue
-                digest = sha256(canonical(config).encode()).hexdigest()
+                digest = sha256(text.encode()).hexdigest()
                 if digest in seen:
                     duplicates += 1
                     continue
