@@ -5,7 +5,7 @@
 against ``engine.TrainConfig`` (and turned into its canonical form), datasets
 (CSV files read and parsed now, so a bad file fails the submit and not a
 worker), zip groups, random draws and exclusion rules. ``block_configs`` then
-yields the canonical configs of one block in product order.
+yields the canonical configs of one block in product order, with their JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import ConfigError, TrainConfig
+from service.grids.canonical import canonical_json, fast_canonical_json
 from service.grids.datasets import Datasets, Dim
 from service.grids.parsed import GridPart, ParsedGrid, Path_
 from service.grids.spec import (
@@ -380,14 +381,22 @@ def _full_config(
         raise resolver.error(path, exc.problem) from None
 
 
-def block_configs(resolver: Resolver, block: Block, dims: list[Dim]) -> Iterator[dict[str, Any]]:
-    """The canonical configs of a block, in product order.
+def block_configs(
+    resolver: Resolver, block: Block, dims: list[Dim]
+) -> Iterator[tuple[dict[str, Any], str]]:
+    """The canonical configs of a block, in product order, each with its canonical JSON.
 
     Every value was checked alone (``check_value``) and the rules across keys
     (dataset, target, task, optimizer) are checked by one full ``from_dict`` per
     dataset; a config is then its template with the canonical values put in,
     which equals ``TrainConfig.from_dict(config).to_dict()`` (a test checks it)
     at a fraction of the cost of validating every combination again.
+
+    The JSON text (``service.grids.canonical.canonical_json``, which the config's
+    hash is taken of) is put together the same way, from the template's and each
+    row's ``"key":value`` pieces in sorted key order, each encoded once; where that
+    cannot be done (a key the template lacks, an evaluation budget that changes
+    the config afterwards) each config is encoded whole. A test checks both agree.
     """
     updates = [_updates(resolver, block, dim) for dim in dims]
     first = [0] * len(dims)
@@ -395,13 +404,53 @@ def block_configs(resolver: Resolver, block: Block, dims: list[Dim]) -> Iterator
     for d in range(1, len(dims[0].rows)):
         _full_config(resolver, block, dims, [d, *first[1:]])
     budget = block.evaluations
-    for rows in itertools.product(*updates):
+    pieces = _json_pieces(template, updates) if budget is None else None
+    if pieces is None:
+        for rows in itertools.product(*updates):
+            config = template.copy()
+            for pairs in rows:
+                config.update(pairs)
+            if budget is not None:
+                _spend(resolver, block, config, budget)
+            yield config, fast_canonical_json(config)
+        return
+    base, row_pieces = pieces
+    both = [list(zip(u, p, strict=True)) for u, p in zip(updates, row_pieces, strict=True)]
+    for combo in itertools.product(*both):
         config = template.copy()
-        for pairs in rows:
+        text = base.copy()
+        for pairs, json_pairs in combo:
             config.update(pairs)
-        if budget is not None:
-            _spend(resolver, block, config, budget)
-        yield config
+            text.update(json_pairs)
+        yield config, "{" + ",".join(text.values()) + "}"
+
+
+def _json_pieces(
+    template: dict[str, Any], updates: list[list[tuple[tuple[str, Any], ...]]]
+) -> tuple[dict[str, str], list[list[tuple[tuple[str, str], ...]]]] | None:
+    """The template's ``"key":value`` JSON pieces by key, sorted, and each row's; or None.
+
+    None when a row sets a key the template lacks (the config's keys would differ
+    from the template's) or a key is not a string.
+    """
+    keys = set(template)
+    if not all(isinstance(k, str) for k in keys) or any(
+        key not in keys for rows in updates for pairs in rows for key, _ in pairs
+    ):
+        return None
+    try:
+        base = {key: _json_piece(key, template[key]) for key in sorted(keys)}
+        rows = [
+            [tuple((key, _json_piece(key, value)) for key, value in pairs) for pairs in dim_rows]
+            for dim_rows in updates
+        ]
+    except (TypeError, ValueError):  # NaN, or not JSON: encoded whole, where it fails alike
+        return None
+    return base, rows
+
+
+def _json_piece(key: str, value: Any) -> str:
+    return canonical_json({key: value})[1:-1]
 
 
 def _spend(resolver: Resolver, block: Block, config: dict[str, Any], budget: int) -> None:

@@ -22,11 +22,13 @@ the rest stay queued with ``published = false`` and go out with the next feed.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
@@ -35,6 +37,8 @@ from sqlalchemy import Connection, Engine, func, insert, select, text, update
 
 from service.exceptions import BrokerError
 from service.grids import Grid, hidden_label
+from service.grids.canonical import fast_canonical_json
+from service.grids.loader import no_gc
 from service.queue.names import QUEUE, TRAIN_TASK
 from service.queue.packing import estimated_costs, pack
 from service.store import Experiment, Run, RunStatus, reset_runs, utcnow
@@ -288,7 +292,7 @@ def pending_ids(*, engine: Engine, experiment_id: int | None = None) -> list[int
 # -- the store side -----------------------------------------------------------------------------
 
 
-#: Keys of a row from ``run_row``, in this order (the COPY column list follows it).
+#: Keys of a row from ``run_row``, in this order.
 _ROW_KEYS = (
     "config",
     "experiment_id",
@@ -307,11 +311,13 @@ _ROW_KEYS = (
     "cancel_requested",
     "created_at",
 )
-_STATUS_AT = _ROW_KEYS.index("status")
 
 
 def run_row(experiment_id: int, run: Any, now: Any) -> dict[str, Any]:
-    """The ``runs`` row of a RunSpec (config, hash and the hyperparameter columns)."""
+    """The ``runs`` row of a RunSpec (config, hash and the hyperparameter columns).
+
+    The definition; ``_Rows`` builds the same values for a whole grid, faster.
+    """
     config = run.config
     return {
         "config": config,
@@ -331,6 +337,121 @@ def run_row(experiment_id: int, run: Any, now: Any) -> dict[str, Any]:
         "cancel_requested": False,
         "created_at": now,
     }
+
+
+#: The columns ``_Rows`` fills, in its order: what differs between runs that differ
+#: by their seed alone comes first, then what they share, then what every run shares.
+_OWN_COLUMNS = ("id", "config", "config_hash", "seed")
+_SHARED_COLUMNS = (
+    "optimizer",
+    "dataset",
+    "hidden",
+    "activation",
+    "max_steps",
+    *_PARAM_COLUMNS,
+    "est_seconds",
+)
+_FIXED_COLUMNS = ("experiment_id", "status", "published", "attempt", "cancel_requested")
+_COPY_COLUMNS = (*_OWN_COLUMNS, *_SHARED_COLUMNS, *_FIXED_COLUMNS, "created_at")
+#: Shared values remembered at most (a grid's runs share a few thousand).
+_SHARED_MEMO = 100_000
+
+
+class _Rows:
+    """The ``runs`` rows of a grid's runs: ``run_row``'s values, built for many runs at once.
+
+    A grid repeats itself: runs that differ only by their seed (the fastest axis)
+    share every column but the id, the config and its hash, so those columns
+    (hidden label, cost estimate ...) are computed once per config-without-seed.
+    The config is stored as its canonical JSON (sorted keys, no spaces; it parses
+    to the same dict). ``tuple`` gives driver values in ``_COPY_COLUMNS`` order,
+    ``copy_text`` the same row as a line of PostgreSQL's COPY text format.
+    """
+
+    def __init__(self, experiment_id: int, now: Any, *, created_at: Any = None) -> None:
+        self._tail = (experiment_id, RunStatus.queued.name, False, 0, False)
+        self._created_at = now if created_at is None else created_at
+        fixed = "\t".join(_copy_field(v) for v in (*self._tail, now))
+        self._copy_tail = "\t" + fixed + "\n"
+        self._shared: dict[str, tuple[Any, ...]] = {}
+        self._shared_text: dict[str, str] = {}
+
+    def _shared_values(self, config: dict[str, Any], text: str) -> tuple[str, tuple[Any, ...]]:
+        """The memo key of ``config`` (its canonical JSON ``text``) and its shared values."""
+        # The canonical JSON without the seed's value: JSON keeps 1, 1.0 and true apart,
+        # and -0.0 from 0.0, so equal keys mean equal configs but for the seed. Only
+        # when "seed" occurs once (no nested object has a key of that name).
+        seed = config.get("seed")
+        key = text
+        if seed.__class__ is int and text.count('"seed":') == 1:
+            key = text.replace(f'"seed":{seed}', '"seed":', 1)
+        shared = self._shared.get(key)
+        if shared is None:
+            shared = (
+                config["optimizer"],
+                config["dataset"],
+                hidden_label(config["hidden"]),
+                config["activation"],
+                config["max_steps"],
+                *(config.get(column) for column in _PARAM_COLUMNS),
+                _estimate(config),
+            )
+            if len(self._shared) < _SHARED_MEMO:
+                self._shared[key] = shared
+        return key, shared
+
+    def tuple(self, run_id: int, run: Any) -> tuple[Any, ...]:
+        config = run.config
+        text = fast_canonical_json(config)
+        _, shared = self._shared_values(config, text)
+        return (
+            run_id,
+            text,
+            run.config_hash,
+            config["seed"],
+            *shared,
+            *self._tail,
+            self._created_at,
+        )
+
+    def copy_text(self, run_id: int, run: Any) -> str:
+        config = run.config
+        text = fast_canonical_json(config)
+        key, shared = self._shared_values(config, text)
+        shared_text = self._shared_text.get(key)
+        if shared_text is None:
+            shared_text = "\t".join(_copy_field(v) for v in shared)
+            if len(self._shared_text) < _SHARED_MEMO:
+                self._shared_text[key] = shared_text
+        if "\\" in text:
+            text = text.replace("\\", "\\\\")  # JSON text has no raw tab or newline
+        return (
+            f"{run_id}\t{text}\t{_copy_field(run.config_hash)}\t{_copy_field(config['seed'])}"
+            f"\t{shared_text}{self._copy_tail}"
+        )
+
+
+def _copy_field(value: Any) -> str:
+    """``value`` in PostgreSQL's COPY text format (what psycopg's ``write_row`` sends)."""
+    if value is None:
+        return "\\N"
+    if value is True or value is False:
+        return "t" if value else "f"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return {math.inf: "Infinity", -math.inf: "-Infinity"}.get(value, "NaN")
+        return repr(value)
+    text = value if isinstance(value, str) else str(value)
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        text = (
+            text.replace("\\", "\\\\")
+            .replace("\t", "\\t")
+            .replace("\n", "\\n")
+            .replace("\r", "\\r")
+        )
+    return text
 
 
 def _estimate(config: dict[str, Any]) -> float | None:
@@ -410,7 +531,8 @@ def _existing(
     for start in range(0, len(hashes), LOOKUP_CHUNK):
         chunk = hashes[start : start + LOOKUP_CHUNK]
         if postgres:
-            result = conn.execute(_LOOKUP_PG, {"hashes": chunk})
+            # One text literal: psycopg's list dumper looks at every element.
+            result = conn.execute(_LOOKUP_PG, {"hashes": _pg_text_array(chunk)})
         else:
             result = conn.execute(_LOOKUP_SQLITE, {"hashes": json.dumps(chunk)})
         for rid, eid, status, published, digest in result:
@@ -418,21 +540,34 @@ def _existing(
     return found
 
 
+def _pg_text_array(values: Sequence[str]) -> str:
+    """``values`` as a PostgreSQL array literal of text (``{"a","b"}``)."""
+    joined = "\x00".join(values)
+    if '"' in joined or "\\" in joined:
+        values = [v.replace("\\", "\\\\").replace('"', '\\"') for v in values]
+        joined = "\x00".join(values)
+    return '{"' + joined.replace("\x00", '","') + '"}' if values else "{}"
+
+
 def _insert_runs(
-    conn: Connection, rows: list[dict[str, Any]], progress: Progress | None
+    conn: Connection,
+    experiment_id: int,
+    runs: Sequence[Any],
+    now: Any,
+    progress: Progress | None,
 ) -> list[int]:
-    """Insert ``rows`` into ``runs`` in the caller's transaction; their ids, in order."""
-    if not rows:
+    """Insert the RunSpecs ``runs`` into ``runs`` in the caller's transaction; their ids."""
+    if not runs:
         return []
     if progress is not None:
-        progress("insert", 0, len(rows))
+        progress("insert", 0, len(runs))
     if conn.dialect.name == "postgresql":
-        return _copy_runs(conn, rows, progress)
+        return _copy_runs(conn, experiment_id, runs, now, progress)
     # SQLite: this transaction holds the write lock (BEGIN IMMEDIATE), so the ids
     # after the largest one are ours, and the driver's executemany of plain tuples
     # needs no RETURNING.
     first = (conn.execute(select(func.max(_RUNS.c.id))).scalar() or 0) + 1
-    ids = list(range(first, first + len(rows)))
+    ids = range(first, first + len(runs))
     statement = (
         f"INSERT INTO runs ({', '.join(_COPY_COLUMNS)}) "
         f"VALUES ({', '.join('?' * len(_COPY_COLUMNS))})"
@@ -440,50 +575,49 @@ def _insert_runs(
     # Datetimes as SQLAlchemy writes them on SQLite, so SQL comparisons of created_at hold.
     kind = _RUNS.c.created_at.type.dialect_impl(conn.dialect)
     to_db = kind.bind_processor(conn.dialect) or (lambda v: v)
-    for start in range(0, len(rows), INSERT_CHUNK):
-        chunk = rows[start : start + INSERT_CHUNK]
-        values = [_plain(i, row) for i, row in zip(ids[start:], chunk, strict=False)]
-        at = len(values[0]) - 1  # created_at is the last column
-        conn.exec_driver_sql(statement, [(*v[:at], to_db(v[at])) for v in values])
+    rows = _Rows(experiment_id, now, created_at=to_db(now))
+    for start in range(0, len(runs), INSERT_CHUNK):
+        chunk = runs[start : start + INSERT_CHUNK]
+        conn.exec_driver_sql(statement, list(map(rows.tuple, ids[start:], chunk)))
         if progress is not None:
-            progress("insert", start + len(chunk), len(rows))
-    return ids
+            progress("insert", start + len(chunk), len(runs))
+    return list(ids)
 
 
-def _plain(run_id: int, row: dict[str, Any]) -> tuple[Any, ...]:
-    """A ``run_row`` as driver values in ``_COPY_COLUMNS`` order (JSON text, status name)."""
-    values = [row[k] for k in _ROW_KEYS]
-    values[0] = json.dumps(values[0])
-    values[_STATUS_AT] = values[_STATUS_AT].name
-    return (run_id, *values)
-
-
-_COPY_COLUMNS = ("id", *_ROW_KEYS)
+_NEW_IDS = text(
+    "SELECT min(id), max(id) FROM "
+    "(SELECT nextval(pg_get_serial_sequence('runs', 'id')) AS id FROM generate_series(1, :n)) s"
+)
+_NEW_IDS_LIST = text(
+    "SELECT nextval(pg_get_serial_sequence('runs', 'id')) FROM generate_series(1, :n)"
+)
 
 
 def _copy_runs(
-    conn: Connection, rows: list[dict[str, Any]], progress: Progress | None
+    conn: Connection, experiment_id: int, runs: Sequence[Any], now: Any, progress: Progress | None
 ) -> list[int]:
     # COPY is about 10x faster than a multi-row INSERT ... RETURNING; the ids come
     # from the table's own sequence first, so they are known without RETURNING.
-    ids = list(
-        conn.execute(
-            text(
-                "SELECT nextval(pg_get_serial_sequence('runs', 'id')) FROM generate_series(1, :n)"
-            ),
-            {"n": len(rows)},
-        ).scalars()
-    )
+    # Usually one range (nobody else drew from the sequence meanwhile): read its ends.
+    low, high = conn.execute(_NEW_IDS, {"n": len(runs)}).one()
+    if high - low + 1 == len(runs):
+        ids: Sequence[int] = range(low, high + 1)
+    else:
+        # Another session drew from the sequence meanwhile: draw a list (the range
+        # drawn above stays unused, a gap in the ids as a rolled back insert leaves).
+        ids = list(conn.execute(_NEW_IDS_LIST, {"n": len(runs)}).scalars())
+    rows = _Rows(experiment_id, now)
+    line = rows.copy_text
     statement = f"COPY runs ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
+    # Lines written as one text per chunk while they are made: PostgreSQL reads
+    # the first chunk while the next is built.
     with conn.connection.driver_connection.cursor() as cur, cur.copy(statement) as copy:
-        for start in range(0, len(rows), INSERT_CHUNK):
-            for run_id, row in zip(
-                ids[start : start + INSERT_CHUNK], rows[start : start + INSERT_CHUNK], strict=True
-            ):
-                copy.write_row(_plain(run_id, row))
+        for start in range(0, len(runs), INSERT_CHUNK):
+            end = min(start + INSERT_CHUNK, len(runs))
+            copy.write("".join(map(line, ids[start:end], runs[start:end])))
             if progress is not None:
-                progress("insert", min(start + INSERT_CHUNK, len(rows)), len(rows))
-    return ids
+                progress("insert", end, len(runs))
+    return list(ids)
 
 
 def _requeue(conn: Connection, ids: list[int]) -> None:
@@ -554,11 +688,11 @@ def _store(
             store_dataset(conn, csv.name, csv.data)
     experiment_id, created = _experiment(conn, grid)
     report = SubmitReport(experiment_id, grid.name, created, total=len(grid.runs))
-    existing = _existing(conn, (r.config_hash for r in grid.runs))
+    existing = _existing(conn, [r.config_hash for r in grid.runs])
     now = utcnow()
-    rows: list[dict[str, Any]] = []
+    new: list[Any] = []
     requeue: list[int] = []
-    for run in grid.runs:
+    for run in grid.runs if existing else ():
         matches = existing.get(run.config_hash, ())
         in_flight = [m for m in matches if m[2] in _IN_FLIGHT]
         if in_flight:
@@ -569,15 +703,18 @@ def _store(
                 report.skipped_done += 1
                 continue
             report.forced += 1
-            rows.append(run_row(experiment_id, run, now))
+            new.append(run)
             continue
         mine = [m for m in matches if m[1] == experiment_id and m[2] in _REQUEUE]
         if mine:
             requeue.append(mine[0][0])
             continue
-        rows.append(run_row(experiment_id, run, now))
-    report.new = len(rows) - report.forced
+        new.append(run)
+    if not existing:  # nothing of the grid in the store yet: every run is new
+        new = grid.runs
+    report.new = len(new) - report.forced
     report.requeued = len(requeue)
-    new_ids = _insert_runs(conn, rows, progress)
+    with no_gc():  # a million rows, no cycles: nothing for the collector to find
+        new_ids = _insert_runs(conn, experiment_id, new, now, progress)
     _requeue(conn, requeue)
     return report, new_ids + requeue
