@@ -11,7 +11,8 @@ at most ``window`` messages whatever the size of the grid.
 One feeder at a time, under a lock held in the store (a PostgreSQL advisory
 lock keyed by the schema, a file lock beside an SQLite database). Workers only
 try it: a worker that finds it held goes on, since the holder is filling the same
-window. The feeder counts the messages waiting in the broker's queue, and
+window; and a worker looks at the queue's length first, doing nothing more while
+it holds at least half the window. The feeder counts the messages waiting in the broker's queue, and
 publishes enough of the oldest unsent runs (``ix_runs_unsent``, id order) to
 bring it up to the window, packed by their estimated cost
 (``service.queue.packing``). Runs put back in the queue (retried, reaped,
@@ -87,6 +88,12 @@ def window_size(app: Celery, running: int) -> int:
     return max(DEFAULT_WINDOW, RUNNING_FACTOR * running)
 
 
+def low_water(app: Celery) -> int:
+    """Messages in the queue below which a worker tops the window up: half the window."""
+    configured = int(app.conf.get("mlpq_window") or 0)
+    return max(1, (configured or DEFAULT_WINDOW) // 2)
+
+
 @contextmanager
 def feed_lock(engine: Engine, *, block: bool) -> Iterator[bool]:
     """Hold the store's feeder lock on a connection of its own (tests, tools)."""
@@ -148,6 +155,12 @@ def feed(
     ``PublishError`` (from ``publish_packs``), the runs sent before it marked and the
     others left unsent.
     """
+    if not block:
+        # A worker between two messages: while the queue holds at least half the window,
+        # one look at its length is all (no lock, no query).
+        waiting = queue_size(app)
+        if waiting is None or waiting >= low_water(app):
+            return 0
     if conn is None:
         with engine.connect() as own:
             return feed(app, engine, block=block, progress=progress, conn=own)

@@ -52,10 +52,15 @@ def test_feed_fills_the_window_oldest_first_and_tops_up_what_workers_took(
     assert message_runs(client) == [[i] for i in ids[:10]]
     assert pending_ids(engine=engine) == ids[10:]
     assert feed(app, engine) == 0  # the window is full
-    for _ in range(4):  # a worker takes the four oldest messages
+    for _ in range(4):  # workers take the four oldest messages
         client.rpop(QUEUE)
-    assert feed(app, engine) == 4
+    assert feed(app, engine) == 0  # 6 left, at least half the window: a worker waits
+    assert feed(app, engine, block=True) == 4  # a submit or retry fills it up
     assert message_runs(client) == [[i] for i in ids[4:14]]
+    for _ in range(6):
+        client.rpop(QUEUE)
+    assert feed(app, engine) == 6  # 4 left, under half: the worker tops it up
+    assert message_runs(client) == [[i] for i in ids[10:20]]
     assert client.llen(QUEUE) == 10
     client.close()
 
