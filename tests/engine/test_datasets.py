@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +208,36 @@ def test_the_shapes_the_cost_estimate_uses_are_the_datasets_own() -> None:
         assert len(data.X_train) + len(data.X_val) == samples, name
         assert data.n_features == features, name
         assert (data.n_classes if data.task == "multiclass" else 1) == outputs, name
+
+
+@pytest.mark.parametrize("name", ["iris", "wine", "breast_cancer", "digits"])
+def test_bundled_sets_read_from_the_files_equal_scikit_learns_loaders(name) -> None:
+    from engine.datasets import _sklearn, _sklearn_file, _sklearn_loaded
+
+    assert _sklearn_file(name) is not None  # read from the file, not through the fallback
+    X, y, names = _sklearn(name)
+    X_ref, y_ref, names_ref = _sklearn_loaded(name)
+    assert X.dtype == X_ref.dtype == np.float64 and y.dtype == y_ref.dtype == np.int64
+    assert X.shape == X_ref.shape and y.shape == y_ref.shape
+    assert X.tobytes() == np.ascontiguousarray(X_ref).tobytes()  # bit for bit
+    np.testing.assert_array_equal(y, y_ref)
+    assert names == names_ref
+
+
+def test_loading_a_bundled_set_does_not_import_scikit_learn() -> None:
+    # The import costs a worker process most of a second at its first run.
+    code = (
+        "import sys; from engine import load_dataset; load_dataset('digits', seed=0); "
+        "load_dataset('wine', seed=0); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy'}))"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    assert out.stdout.strip() == "[]"
