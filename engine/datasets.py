@@ -20,6 +20,7 @@ standardized the same way: losses are in standardized units, ``y_mean`` and
 from __future__ import annotations
 
 import csv as csvlib
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -316,16 +317,24 @@ _SKLEARN_FEATURES: dict[str, tuple[str, ...]] = {
 }
 
 
+@functools.cache
 def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """One of scikit-learn's bundled datasets (shipped with the package, no network).
 
     Read from the files scikit-learn ships, parsed as its loaders parse them, without
     importing scikit-learn: that import (SciPy and the rest) costs a worker process
     most of a second on its first run. ``_sklearn_loaded`` is the loaders' own answer.
+    Read once per process (parsing digits takes about 20 ms; a worker loads one split
+    per seed): the arrays are read-only.
     """
     path = _sklearn_file(name)
-    if path is None:
-        return _sklearn_loaded(name)
+    X, y, names = _sklearn_loaded(name) if path is None else _sklearn_read(name, path)
+    X.setflags(write=False)
+    y.setflags(write=False)
+    return X, y, names
+
+
+def _sklearn_read(name: str, path: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     if name == "digits":
         # load_digits: np.loadtxt of the gzipped CSV, the label in the last column
         with gzip.open(path, mode="rt", encoding="utf-8") as f:

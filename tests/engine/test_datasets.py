@@ -218,3 +218,18 @@ def test_bundled_sets_read_from_the_files_equal_scikit_learns_loaders(name) -> N
     assert X.tobytes() == np.ascontiguousarray(X_ref).tobytes()  # bit for bit
     np.testing.assert_array_equal(y, y_ref)
     assert names == names_ref
+
+
+def test_a_bundled_set_is_read_once_per_process_and_kept_read_only(monkeypatch) -> None:
+    from engine import datasets
+
+    reads = []
+    read = datasets._sklearn_read
+    monkeypatch.setattr(datasets, "_sklearn_read", lambda *a: reads.append(a) or read(*a))
+    datasets._sklearn.cache_clear()
+    first = load_dataset("wine", seed=1)
+    second = load_dataset("wine", seed=2)  # another split of the same file
+    assert len(reads) == 1
+    assert not np.array_equal(first.y_val, second.y_val)
+    X, y, _ = datasets._sklearn("wine")
+    assert not X.flags.writeable and not y.flags.writeable
