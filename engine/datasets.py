@@ -1,9 +1,9 @@
 """Datasets by name and seed, split and standardized.
 
 Built-in synthetic sets are generated in NumPy from the seed; iris, wine,
-breast_cancer and digits are scikit-learn's bundled copies (read from disk, no
-network; scikit-learn is imported only inside ``_sklearn``). A user's CSV
-arrives as bytes and is named ``csv:<sha256 hex of the bytes>``.
+breast_cancer and digits are scikit-learn's bundled copies (read from the files
+it ships, no network, without importing it). A user's CSV arrives as bytes and
+is named ``csv:<sha256 hex of the bytes>``.
 
 Randomness comes in separate streams derived from the run's seed
 (``stream(seed, purpose)``), so that the data, the train/validation split, the
@@ -20,9 +20,13 @@ standardized the same way: losses are in standardized units, ``y_mean`` and
 from __future__ import annotations
 
 import csv as csvlib
+import functools
+import gzip
 import hashlib
+import importlib.util
 import io
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,10 +271,106 @@ _GENERATORS = {
 }
 _SKLEARN = ("iris", "wine", "breast_cancer", "digits")
 
+#: scikit-learn's data file of each bundled set (in ``sklearn/datasets/data``).
+_SKLEARN_FILES = {
+    "iris": "iris.csv",
+    "wine": "wine_data.csv",
+    "breast_cancer": "breast_cancer.csv",
+    "digits": "digits.csv.gz",
+}
+_CELL_MEASURES = (
+    "radius",
+    "texture",
+    "perimeter",
+    "area",
+    "smoothness",
+    "compactness",
+    "concavity",
+    "concave points",
+    "symmetry",
+    "fractal dimension",
+)
+#: Column names as scikit-learn's loaders give them (written in its code, not its files).
+_SKLEARN_FEATURES: dict[str, tuple[str, ...]] = {
+    "iris": ("sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"),
+    "wine": (
+        "alcohol",
+        "malic_acid",
+        "ash",
+        "alcalinity_of_ash",
+        "magnesium",
+        "total_phenols",
+        "flavanoids",
+        "nonflavanoid_phenols",
+        "proanthocyanins",
+        "color_intensity",
+        "hue",
+        "od280/od315_of_diluted_wines",
+        "proline",
+    ),
+    "breast_cancer": (
+        *(f"mean {m}" for m in _CELL_MEASURES),
+        *(f"{m} error" for m in _CELL_MEASURES),
+        *(f"worst {m}" for m in _CELL_MEASURES),
+    ),
+    "digits": tuple(f"pixel_{row}_{col}" for row in range(8) for col in range(8)),
+}
 
+
+@functools.cache
 def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """One of scikit-learn's bundled datasets (shipped with the package, no network)."""
-    from sklearn import datasets  # the only place the engine touches scikit-learn
+    """One of scikit-learn's bundled datasets (shipped with the package, no network).
+
+    Read from the files scikit-learn ships, parsed as its loaders parse them, without
+    importing scikit-learn: that import (SciPy and the rest) costs a worker process
+    most of a second on its first run. ``_sklearn_loaded`` is the loaders' own answer.
+    Read once per process (parsing digits takes about 20 ms; a worker loads one split
+    per seed): the arrays are read-only.
+    """
+    path = _sklearn_file(name)
+    X, y, names = _sklearn_loaded(name) if path is None else _sklearn_read(name, path)
+    X.setflags(write=False)
+    y.setflags(write=False)
+    return X, y, names
+
+
+def _sklearn_read(name: str, path: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    if name == "digits":
+        # load_digits: np.loadtxt of the gzipped CSV, the label in the last column
+        with gzip.open(path, mode="rt", encoding="utf-8") as f:
+            table = np.loadtxt(f, delimiter=",")
+        X, y = table[:, :-1], table[:, -1].astype(np.int64)
+    else:
+        # load_csv_data: a header row "n_samples,n_features,class names..." then the rows
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = csvlib.reader(f)
+            header = next(rows)
+            X = np.empty((int(header[0]), int(header[1])))
+            y = np.empty(int(header[0]), dtype=np.int64)
+            for i, row in enumerate(rows):
+                X[i] = np.asarray(row[:-1], dtype=np.float64)
+                y[i] = int(row[-1])
+    return X, y, _SKLEARN_FEATURES[name]
+
+
+def _sklearn_file(name: str) -> str | None:
+    """The path of ``name``'s data file in the installed scikit-learn (not imported), or None."""
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, "datasets", "data", _SKLEARN_FILES[name])
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _sklearn_loaded(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """``_sklearn`` through scikit-learn's own loader (imports scikit-learn)."""
+    from sklearn import datasets  # the only place the engine imports scikit-learn
 
     bunch = getattr(datasets, f"load_{name}")()
     names = getattr(bunch, "feature_names", None)

@@ -119,6 +119,29 @@ def inplace_softmax(Z: np.ndarray) -> None:
     Z /= Z.sum(axis=-1, keepdims=True)
 
 
+class Softmax:
+    """``inplace_softmax`` of at most ``capacity`` rows, its per-row buffers allocated once.
+
+    The same operations as ``inplace_softmax`` and ``softmax_log_loss`` (the same
+    reductions, written into buffers), so the same bits, without their Python wrappers.
+    """
+
+    def __init__(self, capacity: int, dtype: np.dtype) -> None:
+        self._shift = np.empty((capacity, 1), dtype=dtype)
+        self._total = np.empty((capacity, 1), dtype=dtype)
+        self._floor = EXP_FLOOR[np.dtype(dtype)]
+
+    def __call__(self, Z: np.ndarray) -> None:
+        m = Z.shape[0]
+        shift, total = self._shift[:m], self._total[:m]
+        np.maximum.reduce(Z, axis=-1, out=shift, keepdims=True)
+        np.subtract(Z, shift, out=Z)
+        np.maximum(Z, self._floor, out=Z)
+        np.exp(Z, out=Z)
+        np.add.reduce(Z, axis=-1, out=total, keepdims=True)
+        np.divide(Z, total, out=Z)
+
+
 #: Hidden activations with ``f(1) == 1``: a column of ones (the next layer's bias
 #: input) passes through them unchanged, so it need not be written again.
 KEEP_ONES = frozenset({"relu", "leaky_relu", "identity", "step", "sign"})

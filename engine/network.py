@@ -27,6 +27,7 @@ from engine.functions import (
     LOSS_AND_OUTPUT,
     LOSS_FUNCTIONS,
     OUTPUT_ACTIVATIONS,
+    Softmax,
 )
 
 #: Initialization chosen by "auto" for each activation.
@@ -229,6 +230,9 @@ class Forward:
         self._ones_kept = net.activation in KEEP_ONES
         self._inputs: np.ndarray | None = None  # [X, 1] for callers that pass X
         self._views: dict[int, list[np.ndarray]] = {}
+        # Per batch size: (A_i, where layer i's product goes, the layer's buffer or None
+        # for the output layer) -- the views a pass needs, made once.
+        self._layers: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = {}
 
     def acts(self, m: int) -> list[np.ndarray]:
         """The activation buffers for ``m`` samples (cached views; hidden ones with the ones)."""
@@ -237,6 +241,18 @@ class Forward:
             views = [a[..., :m, :] for a in self._acts]
             self._views[m] = views
         return views
+
+    def _layer_views(self, m: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        layers = self._layers.get(m)
+        if layers is None:
+            acts = self.acts(m)
+            last = len(acts) - 1
+            layers = [
+                (A, z, None) if i == last else (A, z[..., :-1], z)
+                for i, (A, z) in enumerate(zip(self.As, acts, strict=True))
+            ]
+            self._layers[m] = layers
+        return layers
 
     def inputs(self, X: np.ndarray) -> np.ndarray:
         """``[X, 1]``: ``X`` itself when it has the column of ones already (``augment``)."""
@@ -256,14 +272,11 @@ class Forward:
         Returns an array of shape ``(..., n_samples, n_outputs)`` valid until the next pass.
         """
         a = self.inputs(X)
-        acts = self.acts(a.shape[-2])
-        last = len(acts) - 1
         activation = self.net.hidden_activation
-        for i, (A, z) in enumerate(zip(self.As, acts, strict=True)):
-            if i == last:
-                np.matmul(a, A, out=z)
-                return z
-            np.matmul(a, A, out=z[..., :-1])
+        for A, out, z in self._layer_views(a.shape[-2]):
+            np.matmul(a, A, out=out)
+            if z is None:  # the output layer
+                return out
             activation(z)  # the whole buffer: one contiguous pass
             if not self._ones_kept:
                 z[..., -1] = 1
@@ -309,6 +322,13 @@ class Backprop(Forward):
         # the product that makes it is the next one's shape, and cheaper uncut).
         self._deltas = [np.empty((capacity, u + 1), dtype=net.dtype) for u in net.units[1:-1]]
         self._delta_views: dict[int, list[np.ndarray]] = {}
+        # Per batch size: the backward pass's views, output layer first (see _backward).
+        self._back: dict[int, list[tuple]] = {}
+        # gradient(): the output activation alone, and what stands for the loss's check
+        self._output = OUTPUT_ACTIVATIONS[net.task]
+        if net.task == "multiclass":
+            self._softmax = Softmax(capacity, net.dtype)
+            self._products = np.empty((capacity, net.units[-1]), dtype=net.dtype)
 
     def deltas(self, m: int) -> list[np.ndarray]:
         views = self._delta_views.get(m)
@@ -351,35 +371,95 @@ class Backprop(Forward):
         net = self.net
         X1 = self.inputs(X)
         m = X1.shape[0]
-        acts = self.acts(m)
-        deltas = self.deltas(m)
         if forward_done is None:
             P = self.forward(X1)
             loss = float(net.loss_and_output(Y, P))
         else:
-            P, loss = acts[-1], forward_done
-        alpha = self.alpha
-        if alpha:
+            P, loss = self.acts(m)[-1], forward_done
+        if self.alpha:
             loss += self.l2_term(m)
+        self._backward(X1, P, Y, m, scale)
+        return loss, self.gWs, self.gbs
+
+    def gradient(self, X1: np.ndarray, Y: np.ndarray, scale: float = 1.0) -> bool:
+        """``backprop(X1, Y, None, scale)``'s gradients, into ``grad``, without its loss.
+
+        The same operations make the same gradient bits; of the loss only what tells
+        whether it is finite is computed, and for a log loss not even that (see below).
+
+        Parameters
+        ----------
+        X1 : ndarray of shape (n_samples, n_features + 1), ``augment(X)``
+        Y : ndarray of shape (n_samples, n_outputs)
+
+        Returns
+        -------
+        bool
+            False only if ``backprop``'s loss would not be finite. True with such a
+            loss only when ``grad`` holds a NaN (and so do parameters updated by it).
+        """
+        P = self.forward(X1)
+        m = X1.shape[0]
+        task = self.net.task
+        if task == "multiclass":
+            # softmax_log_loss's clipped per-sample loss is NaN, and the loss not finite,
+            # exactly when a row's softmax is NaN (a NaN or +inf logit, or all -inf: then
+            # the output layer's bias gradient, a sum of that row and others, is NaN) or
+            # its z_y = sum(z * y) is (a NaN logit, or a non-finite logit off the true
+            # class): a NaN among the products z * y, which min-reduce propagates.
+            products = self._products[:m]
+            np.multiply(P, Y, out=products)
+            finite = not math.isnan(np.minimum.reduce(products, axis=None))
+            self._softmax(P)
+        else:
+            # binary_log_loss is finite unless a logit is NaN, and then so is P and the
+            # gradient. The squared error has no such shortcut: it is computed.
+            finite = task == "binary" or math.isfinite(self.net.loss_function(Y, P))
+            self._output(P)
+        if self.alpha:
+            finite = finite and math.isfinite(self.l2_term(m))
+        self._backward(X1, P, Y, m, scale)
+        return finite
+
+    def _backward(self, X1: np.ndarray, P: np.ndarray, Y: np.ndarray, m: int, scale: float) -> None:
+        """Backward pass from the output activations ``P`` (overwritten) of ``X1``."""
         # Softmax/CE, sigmoid/BCE and identity/squared error are canonical pairs:
         # dE/dz at the output is (P - Y) / m. The factor scale / m goes in here, on
         # m x n_outputs values, instead of on every gradient entry at the end.
         delta = P
-        delta -= Y
-        delta *= scale / m
-        for i in range(net.n_layers - 1, -1, -1):
-            a_prev = acts[i - 1] if i else X1  # with its column of ones
-            np.matmul(a_prev.T, delta, out=self.gAs[i])  # [dE/dW_i; dE/db_i] in one product
+        np.subtract(delta, Y, out=delta)
+        np.multiply(delta, scale / m, out=delta)
+        alpha = self.alpha
+        derivative = self.net.derivative
+        layers = self._back.get(m)
+        if layers is None:
+            layers = self._back_views(m)
+        for i, gA, a_prev, A_T, d, below in layers:
+            if a_prev is None:  # the first layer: its input is X1, with its column of ones
+                np.matmul(X1.T, delta, out=gA)  # [dE/dW_0; dE/db_0] in one product
+            else:
+                np.matmul(a_prev.T, delta, out=gA)  # [dE/dW_i; dE/db_i] in one product
             if alpha:
                 self.gWs[i] += (alpha * scale / m) * self.Ws[i]
-            if i:
-                d = deltas[i - 1]
-                if delta.shape[1] == 1:
+            if d is not None:
+                if A_T.shape[0] == 1:
                     # One unit above: an outer product, exactly (one product per entry)
                     # and without the cost of a BLAS call on a rank-1 problem.
-                    np.multiply(delta, self.As[i].T, out=d)
+                    np.multiply(delta, A_T, out=d)
                 else:
-                    np.matmul(delta, self.As[i].T, out=d)
-                net.derivative(a_prev, d)
-                delta = d[:, :-1]
-        return loss, self.gWs, self.gbs
+                    np.matmul(delta, A_T, out=d)
+                derivative(a_prev, d)
+                delta = below
+
+    def _back_views(self, m: int) -> list[tuple]:
+        """(i, gradient block, layer input or None for X1, A_i^T, error buffer, its cut)."""
+        acts, deltas = self.acts(m), self.deltas(m)
+        layers = []
+        for i in range(self.net.n_layers - 1, -1, -1):
+            if i:
+                d = deltas[i - 1]
+                layers.append((i, self.gAs[i], acts[i - 1], self.As[i].T, d, d[:, :-1]))
+            else:
+                layers.append((i, self.gAs[i], None, None, None, None))
+        self._back[m] = layers
+        return layers

@@ -121,8 +121,8 @@ class BackpropOptimizer(Optimizer):
     (``theta -= lr g`` without momentum), where ``g`` includes the L2 term
     ``weight_decay * W / m`` (``lr g`` comes straight out of the backward
     pass). The learning rate of epoch ``t`` is ``learning_rate / (1 + lr_decay t)``.
-    A non-finite batch loss or parameter stops the epoch and restores the
-    parameters from its start.
+    A non-finite batch loss or parameter makes the epoch end in divergence,
+    with the parameters of its start.
     """
 
     def __init__(self, config, net, X, Y, theta0, rng) -> None:
@@ -229,12 +229,11 @@ class BackpropOptimizer(Optimizer):
         reuse = self._evaluated[0] if self.full_batch and self._evaluated is not None else None
         self._evaluated = None
         self.val_scores = None
-        backprop = self._bp.backprop
-        loss, grad_norm = 0.0, None
+        grad_norm = None
         if self.full_batch:
-            batches: list[tuple[np.ndarray, np.ndarray]] = []
-            loss = backprop(self._X1, self.Y, reuse, lr)[0]  # grad = lr * dE/dtheta
-            if math.isfinite(loss):
+            loss = self._bp.backprop(self._X1, self.Y, reuse, lr)[0]  # grad = lr * dE/dtheta
+            finite = math.isfinite(loss)
+            if finite:
                 grad_norm = self._sqrt(np.dot(grad, grad)) / lr
                 _update(theta, grad, velocity, momentum)
         else:
@@ -242,17 +241,20 @@ class BackpropOptimizer(Optimizer):
             self.order = order
             np.take(self._X1, order, axis=0, out=self._Xs, mode="clip")
             np.take(self.Y, order, axis=0, out=self._Ys, mode="clip")
-            batches = self._batches
-        last = len(batches) - 1
-        for i, (xb, yb) in enumerate(batches):
-            loss = backprop(xb, yb, None, lr)[0]  # grad = lr * dE/dtheta
-            if not math.isfinite(loss):
-                break
-            if i == last:
-                grad_norm = self._sqrt(np.dot(grad, grad)) / lr
-            _update(theta, grad, velocity, momentum)
+            # A batch whose loss is not finite ends the epoch in divergence. The batch
+            # losses themselves are never reported, so gradient() spares them and the
+            # loop goes on: its answer (or a NaN it leaves in the parameters, which then
+            # stay NaN) is checked once at the end, with the same outcome: the
+            # parameters of the epoch's start and a diverged run.
+            finite = True
+            gradient = self._bp.gradient
+            for xb, yb in self._batches:
+                if not gradient(xb, yb, lr):  # grad = lr * dE/dtheta
+                    finite = False
+                _update(theta, grad, velocity, momentum)
+            grad_norm = self._sqrt(np.dot(grad, grad)) / lr  # at the last batch
         # theta . 0 is 0 when every entry is finite, NaN otherwise: one call for isfinite().all()
-        if not math.isfinite(loss) or not math.isfinite(np.dot(theta, self._zeros)):
+        if not finite or not math.isfinite(np.dot(theta, self._zeros)):
             self.diverged = True
             np.copyto(theta, self._start_of_step)
             if velocity is not None:

@@ -204,3 +204,32 @@ def test_the_shapes_the_cost_estimate_uses_are_the_datasets_own() -> None:
         assert len(data.X_train) + len(data.X_val) == samples, name
         assert data.n_features == features, name
         assert (data.n_classes if data.task == "multiclass" else 1) == outputs, name
+
+
+@pytest.mark.parametrize("name", ["iris", "wine", "breast_cancer", "digits"])
+def test_bundled_sets_read_from_the_files_equal_scikit_learns_loaders(name) -> None:
+    from engine.datasets import _sklearn, _sklearn_file, _sklearn_loaded
+
+    assert _sklearn_file(name) is not None  # read from the file, not through the fallback
+    X, y, names = _sklearn(name)
+    X_ref, y_ref, names_ref = _sklearn_loaded(name)
+    assert X.dtype == X_ref.dtype == np.float64 and y.dtype == y_ref.dtype == np.int64
+    assert X.shape == X_ref.shape and y.shape == y_ref.shape
+    assert X.tobytes() == np.ascontiguousarray(X_ref).tobytes()  # bit for bit
+    np.testing.assert_array_equal(y, y_ref)
+    assert names == names_ref
+
+
+def test_a_bundled_set_is_read_once_per_process_and_kept_read_only(monkeypatch) -> None:
+    from engine import datasets
+
+    reads = []
+    read = datasets._sklearn_read
+    monkeypatch.setattr(datasets, "_sklearn_read", lambda *a: reads.append(a) or read(*a))
+    datasets._sklearn.cache_clear()
+    first = load_dataset("wine", seed=1)
+    second = load_dataset("wine", seed=2)  # another split of the same file
+    assert len(reads) == 1
+    assert not np.array_equal(first.y_val, second.y_val)
+    X, y, _ = datasets._sklearn("wine")
+    assert not X.flags.writeable and not y.flags.writeable

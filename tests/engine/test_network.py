@@ -296,3 +296,90 @@ def test_the_numpy_free_names_are_the_engine_tables() -> None:
     assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
     assert set(DERIVATIVES) == set(ACTIVATION_NAMES)
     assert set(ACTIVATION_NAMES) >= NO_GRADIENT
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("hidden", [[], [5], [6, 1, 4]], ids=["no-hidden", "one", "three"])
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_gradient_without_the_loss_is_backprops_gradient_bit_for_bit(
+    task, activation, hidden, alpha
+) -> None:
+    net, theta, X, Y = _problem(task, hidden, activation)
+    expected, grad = np.empty_like(theta), np.empty_like(theta)
+    loss = Backprop(net, theta, expected, len(X), alpha).backprop(X, Y, None, 0.3)[0]
+    bp = Backprop(net, theta, grad, len(X), alpha)
+    X1 = np.hstack([X, np.ones((len(X), 1))])
+    for m in (len(X), 4):  # the whole batch, then a smaller one through the same buffers
+        finite = bp.gradient(X1[:m], Y[:m], 0.3)
+        assert finite and math.isfinite(loss)
+    bp.gradient(X1, Y, 0.3)
+    assert grad.tobytes() == expected.tobytes()
+
+
+# Output logits of every row of the batch below (the true class is the first), and whether
+# the mean loss is finite: the log losses clip each sample's loss, so an infinite logit
+# makes it non-finite only through a NaN.
+INF = math.inf
+LOGITS = [
+    ([0.0, 1.0, -2.0], True),
+    ([1e308, -1e308, 1e308], True),  # finite, however large
+    ([-INF, 0.0, 1.0], True),  # the true class at -inf: the sample's loss is clipped
+    ([0.0, -INF, 1.0], False),  # another class at -inf: z_y = sum(z * y) is NaN
+    ([0.0, 1.0, INF], False),  # +inf: the softmax is NaN
+    ([INF, 0.0, 0.0], False),
+    ([-INF, -INF, -INF], False),
+    ([0.0, math.nan, 0.0], False),
+]
+
+
+@pytest.mark.parametrize(("logits", "finite"), LOGITS)
+def test_gradient_reports_a_non_finite_loss_or_leaves_a_nan_in_the_gradient(logits, finite):
+    # No hidden layer, zero weights: every row's logits are the output biases.
+    net = Network([2, 3], "relu", "multiclass", np.float64)
+    theta = np.zeros(net.n_params)
+    theta[-3:] = logits
+    X1 = np.array([[0.5, -1.0, 1.0], [2.0, 0.0, 1.0]])
+    Y = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    Y[1] = Y[0]  # both rows of the true class 0
+    with np.errstate(all="ignore"):
+        loss = Backprop(net, theta, np.empty_like(theta), 2).backprop(X1, Y)[0]
+        grad = np.empty_like(theta)
+        reported = Backprop(net, theta, grad, 2).gradient(X1, Y)
+    assert math.isfinite(loss) is finite
+    if not reported:
+        assert not finite  # never a false alarm
+    if not finite:
+        assert not reported or np.isnan(grad).any()  # a NaN the parameters will carry
+
+
+@pytest.mark.parametrize("logit", [0.0, 1e308, INF, -INF, math.nan])
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_gradient_of_one_output_reports_a_non_finite_loss_or_leaves_a_nan(logit, task) -> None:
+    net = Network([2, 1], "relu", task, np.float64)
+    theta = np.zeros(net.n_params)
+    theta[-1] = logit
+    X1 = np.array([[0.5, -1.0, 1.0], [2.0, 0.0, 1.0]])
+    Y = np.array([[1.0], [0.0]]) if task == "binary" else np.array([[-1e308], [3.0]])
+    with np.errstate(all="ignore"):
+        loss = Backprop(net, theta, np.empty_like(theta), 2).backprop(X1, Y)[0]
+        grad = np.empty_like(theta)
+        reported = Backprop(net, theta, grad, 2).gradient(X1, Y)
+    if not reported:
+        assert not math.isfinite(loss)
+    if not math.isfinite(loss):
+        assert not reported or np.isnan(grad).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_with_its_buffers_is_inplace_softmax_bit_for_bit(dtype) -> None:
+    from engine.functions import Softmax, inplace_softmax
+
+    rng = np.random.default_rng(5)
+    Z = (rng.normal(size=(40, 7)) * rng.choice([1e-3, 1.0, 30.0, 1e3], size=(40, 1))).astype(dtype)
+    softmax = Softmax(64, dtype)
+    for m in (40, 13):
+        expected, got = Z[:m].copy(), Z[:m].copy()
+        inplace_softmax(expected)
+        softmax(got)
+        assert got.tobytes() == expected.tobytes()

@@ -467,3 +467,63 @@ def test_an_evaluation_budget_must_buy_a_step() -> None:
     ).max_evaluations == 9  # fmt: skip
     unset = TrainConfig(dataset="moons", optimizer="backprop")
     assert "max_evaluations" not in unset.to_dict()  # the hashes of older runs stay the same
+
+
+def _epoch_checking_every_batch_loss(opt, t: int) -> bool:
+    """A mini-batch epoch as it reads: each batch's loss computed, the epoch stopped at the
+    first non-finite one. Returns whether the epoch diverged (parameters then restored)."""
+    lr = opt.config.learning_rate
+    start = opt.theta.copy()
+    order = opt.rng.permutation(opt.X.shape[0])
+    X1 = np.hstack([opt.X, np.ones((len(opt.X), 1), dtype=opt.X.dtype)])[order]
+    Y = opt.Y[order]
+    diverged = False
+    for s in range(0, len(order), opt.batch):
+        loss = opt._bp.backprop(X1[s : s + opt.batch], Y[s : s + opt.batch], None, lr)[0]
+        if not math.isfinite(loss):
+            diverged = True
+            break
+        opt.theta -= opt.grad
+    if diverged or not np.isfinite(opt.theta).all():
+        opt.theta[...] = start
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("dataset", "hidden", "activation"),
+    [
+        ("digits", (16,), "relu"),
+        ("iris", (8, 3), "tanh"),
+        ("wine", (8,), "leaky_relu"),
+        ("breast_cancer", (8,), "relu"),
+        ("sine", (8, 8), "identity"),
+    ],
+)
+@pytest.mark.parametrize("learning_rate", [0.1, 50.0, 1e4])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_mini_batch_epochs_end_as_if_every_batch_loss_were_checked(
+    dataset, hidden, activation, learning_rate, dtype
+) -> None:
+    # The optimizer spares the batch losses (gradient()): its epochs must end where
+    # checking each batch's loss ends them, diverging runs included, bit for bit.
+    config = TrainConfig(
+        dataset=dataset,
+        optimizer="backprop",
+        hidden=hidden,
+        activation=activation,
+        learning_rate=learning_rate,
+        batch_size=16,
+        max_steps=12,
+        dtype=dtype,
+    )
+    fast = Trainer(config, _data(dataset, 0, dtype)).optimizer
+    reference = Trainer(config, _data(dataset, 0, dtype)).optimizer
+    for t in range(config.max_steps):
+        with np.errstate(all="ignore"):
+            fast.step(t)
+            diverged = _epoch_checking_every_batch_loss(reference, t)
+        assert fast.diverged is diverged
+        assert fast.theta.tobytes() == reference.theta.tobytes()
+        if diverged:
+            break
