@@ -10,7 +10,8 @@ directory:
     epoch the train loss, validation loss and validation accuracy, and the final
     weights, into an SQLite file.
 
-Both split the data 80/20 and standardize on the training split; both use plain SGD
+Both split the data 80/20 and standardize on the training split (moons: 400 samples
+with noise 0.1 on both sides, as mlpq generates them); both use plain SGD
 (no momentum, no L2) at the grid's learning rates. Two grids: digits (hidden [32],
 [64], [64, 32]; learning rates 0.1 and 0.03; 4 seeds; 30 epochs; batch 32; relu)
 and a tiny one (moons, hidden 16, 4 learning rates, 25 seeds, 20 full-batch
@@ -150,7 +151,8 @@ def _train_one(
     if dataset == "digits":
         X, y = load_digits(return_X_y=True)
     else:
-        X, y = make_moons(n_samples=200, noise=0.2, random_state=seed)
+        # The moons mlpq generates: 400 samples, noise 0.1 (engine/datasets.py).
+        X, y = make_moons(n_samples=400, noise=0.1, random_state=seed)
     X_tr, X_val, y_tr, y_val = train_test_split(X, y, test_size=0.2, random_state=seed)
     scaler = StandardScaler().fit(X_tr)
     X_tr, X_val = scaler.transform(X_tr), scaler.transform(X_val)
