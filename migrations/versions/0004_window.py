@@ -27,6 +27,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _UNSENT = "status = 'queued' AND NOT published"
+_IN_BROKER = "status = 'queued' AND published"
 
 
 def upgrade() -> None:
@@ -40,9 +41,17 @@ def upgrade() -> None:
         postgresql_where=sa.text(_UNSENT),
         sqlite_where=sa.text(_UNSENT),
     )
+    op.create_index(
+        "ix_runs_in_broker",
+        "runs",
+        ["published_at"],
+        postgresql_where=sa.text(_IN_BROKER),
+        sqlite_where=sa.text(_IN_BROKER),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_runs_in_broker", table_name="runs")
     op.drop_index("ix_runs_unsent", table_name="runs")
     for column in ("est_seconds", "published_at"):
         op.execute(f"ALTER TABLE runs DROP COLUMN {column}")

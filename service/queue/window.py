@@ -166,6 +166,7 @@ def feed(
             return feed(app, engine, block=block, progress=progress, conn=own)
     try:
         with _locked(conn, block=block) as held:
+            # Counted again under the lock: another feeder may have filled it meanwhile.
             packs = _packs_for_room(app, conn) if held else []
             if not packs:
                 return 0
@@ -215,6 +216,8 @@ def feed_quietly(
 
 
 # -- messages the broker lost --------------------------------------------------------------------
+
+_IN_BROKER = text("status = 'queued' AND published")
 
 
 def _runs() -> Any:
@@ -271,10 +274,9 @@ def lost_runs(
         cutoffs.append(now - timedelta(seconds=grace_seconds))
     if not cutoffs:
         return []
+    # The predicate spelled as ix_runs_in_broker's, so the planner can take that index.
     query = (
-        select(runs.c.id)
-        .where(runs.c.status == _queued(), runs.c.published, runs.c.published_at < max(cutoffs))
-        .order_by(runs.c.id)
+        select(runs.c.id).where(_IN_BROKER, runs.c.published_at < max(cutoffs)).order_by(runs.c.id)
     )
     return list(conn.execute(query).scalars())
 

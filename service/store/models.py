@@ -95,6 +95,12 @@ class Run(Base):
             postgresql_where=text("status = 'queued' AND NOT published"),
             sqlite_where=text("status = 'queued' AND NOT published"),
         ),
+        Index(
+            "ix_runs_in_broker",
+            "published_at",
+            postgresql_where=text("status = 'queued' AND published"),
+            sqlite_where=text("status = 'queued' AND published"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

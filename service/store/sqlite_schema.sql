@@ -206,4 +206,6 @@ GROUP BY experiment_id, experiment, dataset, optimizer, hidden, activation, max_
 
 CREATE INDEX ix_runs_unsent ON runs (id) WHERE status = 'queued' AND NOT published;
 
+CREATE INDEX ix_runs_in_broker ON runs (published_at) WHERE status = 'queued' AND published;
+
 INSERT INTO alembic_version (version_num) VALUES ('0004');
