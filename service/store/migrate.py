@@ -35,10 +35,16 @@ SCRIPT_LOCATION = Path(migrations.__file__).resolve().parent
 _PG_LOCK_KEY = 0x6D6C7071  # "mlpq"
 
 
+#: Partial indexes written by hand in the migrations (the window's, revision 0004).
+HAND_WRITTEN_INDEXES = frozenset({"ix_runs_unsent", "ix_runs_in_broker"})
+
+
 def include_object(
     obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
 ) -> bool:
-    """Autogenerate filter: views are written by hand in migrations, never diffed or dropped."""
+    """Autogenerate filter: views and partial indexes are written by hand in migrations."""
+    if type_ == "index" and name in HAND_WRITTEN_INDEXES:
+        return False
     return not (type_ == "table" and name in VIEWS)
 
 
