@@ -152,11 +152,15 @@ def test_a_windowed_grid_runs_each_run_once_while_a_worker_child_is_killed(
         what="a third of the runs",
         every=0.1,
     )
-    with c.engine.connect() as conn:
-        owner = conn.execute(
-            text("SELECT worker FROM runs WHERE status = 'running' LIMIT 1")
-        ).scalar()
-    assert owner is not None
+
+    def training_process() -> str | None:
+        # A tiny run trains for milliseconds: between two of them no run is running.
+        with c.engine.connect() as conn:
+            return conn.execute(
+                text("SELECT worker FROM runs WHERE status = 'running' LIMIT 1")
+            ).scalar()
+
+    owner = wait_for(training_process, timeout=30, what="a run in training", every=0.005)
     os.kill(int(owner.rpartition(":")[2]), signal.SIGKILL)
 
     counts = finished(c, report.experiment_id, 5000, timeout=240)
