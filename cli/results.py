@@ -129,10 +129,16 @@ def status(
     if not watch or current.done:
         out.print(_status_view(current, styled=styled))
         return
+    from cli.interrupts import check_interrupt, interrupts
+
     try:
-        with Live(_status_view(current, styled=styled), console=out, auto_refresh=False) as live:
+        with (
+            interrupts(),
+            Live(_status_view(current, styled=styled), console=out, auto_refresh=False) as live,
+        ):
             while not current.done:
                 time.sleep(interval)
+                check_interrupt()
                 current = experiment_status(engine, exp)
                 live.update(_status_view(current, styled=styled), refresh=True)
     except KeyboardInterrupt:

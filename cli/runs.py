@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -193,46 +192,53 @@ def run(**options: Any) -> None:
     if settings.embedded_broker and not _new_embedded_store(settings):
         # Before any worker consumes: what a stopped local worker took with it is re-sent.
         _recover_embedded_queue(get_engine())
-    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the workers are stopped below.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    # The workers start first: their second of start-up overlaps creating the store and
-    # submitting (the store's migration takes a lock; whoever comes second finds it done).
+    from cli.interrupts import interrupts
     from cli.launch import take
 
-    early = take(concurrency, settings.home) if local else None  # started by cli.launch
-    home_existed = early[1] if early else settings.home.exists()
-    workers = early[0] if early else _start_local_workers(concurrency, settings) if local else None
+    workers: LocalWorkers | None = None
     reader: Engine | None = None
     try:
-        try:
-            report = submit_command(**options)
-        except GridError:
-            # A refused grid leaves nothing behind (nothing was stored): the workers
-            # started for it go at once, with the folder they made if it is new.
+        # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the workers are stopped below.
+        with interrupts(terminate=True):
+            # The workers start first: their second of start-up overlaps creating the store
+            # and submitting (the store's migration takes a lock; whoever comes second finds
+            # it done).
+            early = take(concurrency, settings.home) if local else None  # started by cli.launch
+            home_existed = early[1] if early else settings.home.exists()
+            if early:
+                workers = early[0]
+            elif local:
+                workers = _start_local_workers(concurrency, settings)
+            try:
+                report = submit_command(**options)
+            except GridError:
+                # A refused grid leaves nothing behind (nothing was stored): the workers
+                # started for it go at once, with the folder they made if it is new.
+                if workers is not None:
+                    workers.kill()
+                    workers = None
+                if not home_existed:
+                    shutil.rmtree(settings.home, ignore_errors=True)
+                raise
+            reader = read_engine()
+            if workers is not None:  # said once the grid is accepted: a bad grid gets one line
+                err_console.print(
+                    f"{concurrency} local worker process(es); log: {workers.log_path}",
+                    highlight=False,
+                )
+            if not local and settings.embedded_broker:
+                err_console.print(
+                    "--no-local-workers with the embedded queue: runs start only when "
+                    "`mlpq worker` runs on this machine with the same MLPQ_HOME",
+                    highlight=False,
+                )
+            _wait(reader, report.experiment_id, workers, feeder=_feeder(settings))
             if workers is not None:
-                workers.kill()
+                _stop_local_workers(workers, reader)  # before the results: nothing left to wait for
                 workers = None
-            if not home_existed:
-                shutil.rmtree(settings.home, ignore_errors=True)
-            raise
-        reader = read_engine()
-        if workers is not None:  # said once the grid is accepted: a bad grid gets one line
-            err_console.print(
-                f"{concurrency} local worker process(es); log: {workers.log_path}",
-                highlight=False,
-            )
-        if not local and settings.embedded_broker:
-            err_console.print(
-                "--no-local-workers with the embedded queue: runs start only when "
-                "`mlpq worker` runs on this machine with the same MLPQ_HOME",
-                highlight=False,
-            )
-        _wait(reader, report.experiment_id, workers, feeder=_feeder(settings))
-        if workers is not None:
-            _stop_local_workers(workers, reader)  # before the results: nothing is left to wait for
-        from cli.experiments import print_leaderboard
+            from cli.experiments import print_leaderboard
 
-        print_leaderboard(reader, report.experiment, limit=top)
+            print_leaderboard(reader, report.experiment, limit=top)
     except KeyboardInterrupt:
         err_console.print(
             "interrupted: stopping local workers; runs in progress are handed back and stay "
@@ -241,7 +247,6 @@ def run(**options: Any) -> None:
         )
         raise typer.Exit(code=130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if workers is not None:
             _stop_local_workers(workers, reader or read_engine())
 
@@ -278,10 +283,6 @@ def _stop_local_workers(workers: LocalWorkers, reader: Engine) -> None:
         return
     with err_console.status("stopping local workers (handing back runs in progress)"):
         workers.stop(timeout=INTERRUPT_GRACE_SECONDS)
-
-
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _recover_embedded_queue(engine: Engine) -> None:
@@ -339,6 +340,7 @@ def _wait(
     )
     from sqlalchemy.orm import Session
 
+    from cli.interrupts import check_interrupt
     from service.exceptions import MlpqError
     from service.store import FINISHED, RunStatus, status_counts
 
@@ -394,6 +396,7 @@ def _wait(
                 feeder()
                 fed_at = elapsed
             time.sleep(min(POLL_MAX_SECONDS, POLL_MIN_SECONDS + elapsed / 20))
+            check_interrupt()  # a signal whose KeyboardInterrupt a callback swallowed
             current = counts()
     if not progress.disable:
         return

@@ -50,11 +50,13 @@ def sql(
         $ mlpq sql "SELECT optimizer, avg(best_val_accuracy), stddev(best_val_accuracy)
                     FROM run_summary GROUP BY optimizer" --format csv > by_optimizer.csv
     """
+    from cli.interrupts import interrupts
     from service.results.reader import read_query
 
     if query == "-":
         query = sys.stdin.read()
-    with read_query(query, timeout=timeout) as result:
+    # Ctrl-C during the statement is an interrupt, not "canceled after 30 s" (see interrupts).
+    with interrupts(), read_query(query, timeout=timeout) as result:
         if fmt is OutputFormat.table:
             _table(result.columns, result.rows)
         elif fmt is OutputFormat.csv:

@@ -272,8 +272,10 @@ def test_stopped_embedded_run_leaves_no_worker_behind_and_the_next_run_finishes_
 
     wait_for(training, timeout=60, what="a run to start")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 130
-    assert "interrupted: stopping local workers" in proc.stderr.read().decode()
+    code = proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    assert code == 130, err
+    assert "interrupted: stopping local workers" in err
     marker = f"local-{proc.pid}@".encode()
     wait_for(lambda: not _processes_with(marker), timeout=30, what="the local workers to exit")
 

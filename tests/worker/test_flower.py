@@ -71,6 +71,15 @@ def test_flower_lists_the_workers_and_the_train_tasks(
             what="Flower's API to list a worker",
         )
         assert any(name.startswith("watched@") for name in workers), workers
+
+        def worker_events_seen() -> bool:
+            alive = _try(lambda: _get(unused_port, "/api/workers?status=1")) or {}
+            return any(up for name, up in alive.items() if name.startswith("watched@"))
+
+        # The list above comes from a broadcast; tasks reach Flower as events, through a
+        # receiver it binds on its own schedule. Runs that finish before it listens are
+        # never seen (this failed once in CI): wait for the worker's own events first.
+        wait_for(worker_events_seen, timeout=30, what="Flower to receive the worker's events")
         ids = cluster.submit([{**TINY_BACKPROP, "seed": i} for i in range(3)])
         cluster.wait_finished(ids, timeout=60)
 

@@ -32,9 +32,19 @@ TINY_BACKPROP: dict[str, Any] = {
 }
 
 
-def add_runs(engine: Engine, configs: Iterable[dict[str, Any]], name: str = "exp") -> list[int]:
-    """Insert an experiment with one queued, unpublished run per config; returns the run ids."""
+def add_runs(
+    engine: Engine, configs: Iterable[dict[str, Any]], name: str = "exp", *, published: bool = False
+) -> list[int]:
+    """Insert an experiment with one queued run per config; returns the run ids.
+
+    Unpublished runs are the window's to send: a running worker's feeder may publish
+    them at any moment. ``published`` marks them sent, for a caller that publishes
+    them itself (``publish_runs``) beside running workers.
+    """
+    from datetime import UTC, datetime
+
     configs = list(configs)
+    sent_at = datetime.now(UTC) if published else None
     with engine.begin() as conn:
         exp_id = conn.execute(
             insert(Experiment)
@@ -58,7 +68,8 @@ def add_runs(engine: Engine, configs: Iterable[dict[str, Any]], name: str = "exp
                     "learning_rate": cfg.get("learning_rate"),
                     "step_size": cfg.get("step_size"),
                     "status": RunStatus.queued,
-                    "published": False,
+                    "published": published,
+                    "published_at": sent_at,
                     "attempt": 0,
                     "cancel_requested": False,
                 }
