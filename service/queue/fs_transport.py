@@ -5,6 +5,10 @@ then writes it; a consumer listing the folder between the two moves an empty
 file and fails to decode it (the worker stops with a ``JSONDecodeError``). Here
 the message is written under a name the consumer ignores and renamed into place,
 which is atomic on one filesystem: a consumer sees the whole message or none.
+
+A worker's loop waits here for messages up to 2 s at a time, and notices that it
+should stop only between two waits: a stopped worker idled up to 2 s before it
+handed its messages back. The wait here lasts at most ``MAX_WAIT_SECONDS``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
+
+#: Longest single wait for a message (a worker's loop looks at its shutdown flag between).
+MAX_WAIT_SECONDS = 0.1
 
 
 class Channel(filesystem.Channel):
@@ -36,3 +43,9 @@ class Channel(filesystem.Channel):
 
 class Transport(filesystem.Transport):
     Channel = Channel
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        """Wait for one message at most ``MAX_WAIT_SECONDS`` (a timeout says none came)."""
+        if timeout is not None:
+            timeout = min(timeout, MAX_WAIT_SECONDS)
+        super().drain_events(connection, timeout=timeout)
