@@ -31,11 +31,13 @@ app.conf.worker_consumer = "worker.consumer:QuietConsumer"
 def _preload(**_: object) -> None:
     # Import in the main process what every child needs but imports lazily (the
     # store's database driver and SQLAlchemy dialect, the ingest module, NumPy's
-    # random module), so a child forked to replace one that reached
-    # worker_max_tasks_per_child starts its first run without importing them.
+    # random module, the window every child tops up after its first message), so
+    # no child, the first ones or one forked to replace one that reached
+    # worker_max_tasks_per_child, imports them on its way to finishing a message.
     import numpy.random  # noqa: F401
     from sqlalchemy.engine import make_url
 
+    import service.queue.window
     import service.store.ingest  # noqa: F401
     from service.settings import get_settings
     from service.store import get_engine

@@ -29,19 +29,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 from sqlalchemy import Connection, Engine, func, insert, select, text, update
 
 from service.exceptions import BrokerError
-from service.grids import Grid, hidden_label
 from service.grids.canonical import fast_canonical_json
-from service.grids.loader import no_gc
 from service.queue.names import QUEUE, TRAIN_TASK
 from service.queue.packing import estimated_costs, pack
 from service.store import Experiment, Run, RunStatus, reset_runs, utcnow
+
+if TYPE_CHECKING:
+    from service.grids import Grid
 
 try:
     import fcntl
@@ -311,6 +312,18 @@ _ROW_KEYS = (
     "cancel_requested",
     "created_at",
 )
+
+
+def hidden_label(hidden: Sequence[int]) -> str:
+    """The grids' label of a hidden layer list, e.g. ``64x32``.
+
+    Imported when first used, by a submit: the grid models it lives beside take
+    about 80 ms to import, and the window (this module's publishing half) runs in
+    every worker process, which never submits a grid.
+    """
+    from service.grids import hidden_label as label
+
+    return label(hidden)
 
 
 def run_row(experiment_id: int, run: Any, now: Any) -> dict[str, Any]:
@@ -714,6 +727,8 @@ def _store(
         new = grid.runs
     report.new = len(new) - report.forced
     report.requeued = len(requeue)
+    from service.grids.loader import no_gc
+
     with no_gc():  # a million rows, no cycles: nothing for the collector to find
         new_ids = _insert_runs(conn, experiment_id, new, now, progress)
     _requeue(conn, requeue)
