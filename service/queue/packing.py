@@ -28,16 +28,20 @@ def pack(
 ) -> list[list[int]]:
     """Consecutive runs grouped into packs of estimated seconds up to ``target``.
 
-    ``costs`` is (run id, estimated seconds) in publishing order; the order is
-    kept. A run estimated at ``target`` or more travels alone; ``target <= 0``
-    gives one run per pack. ``spread``: the runs are all there is to run, so a
-    small total is split over at least ``MIN_MESSAGES`` packs (off when ``costs``
-    is the head of a longer queue).
+    ``costs`` is (run id, estimated seconds) in publishing order. A run estimated
+    at ``target`` or more travels alone; ``target <= 0`` gives one run per pack,
+    in order.
+    ``spread``: the runs are all there is to run (off when ``costs`` is the head
+    of a longer queue), so a small total is split over at least ``MIN_MESSAGES``
+    packs, and the longest runs go first (runs without an estimate count as
+    longest): the workers end together instead of one finishing a long run while
+    the others idle. Otherwise the order is kept.
     """
     if target <= 0:
         return [[run_id] for run_id, _ in costs]
     limit = target
     if spread:
+        costs = sorted(costs, key=lambda run: -run[1])  # stable: equal costs keep their order
         finite = [c for _, c in costs if c != float("inf")]
         limit = min(target, sum(finite) / MIN_MESSAGES if finite else target)
     packs: list[list[int]] = []

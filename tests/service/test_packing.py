@@ -17,9 +17,12 @@ COSTS = st.lists(st.floats(0.0001, 5.0) | st.just(math.inf), min_size=0, max_siz
 
 
 @given(COSTS, st.floats(0.01, 1.0))
-def test_every_run_once_in_order_and_no_pack_over_its_limit(costs, target) -> None:
+def test_every_run_once_longest_first_and_no_pack_over_its_limit(costs, target) -> None:
     packs = pack(costs, target)
-    assert [i for p in packs for i in p] == [i for i, _ in costs]
+    # All there is to run: the longest first (so the workers end together), and runs of
+    # equal estimates in their order.
+    longest_first = sorted(costs, key=lambda run: (-run[1], run[0]))
+    assert [i for p in packs for i in p] == [i for i, _ in longest_first]
     cost = dict(costs)
     finite = [c for c in cost.values() if c != math.inf]
     limit = min(target, sum(finite) / MIN_MESSAGES) if finite else target
@@ -35,6 +38,14 @@ def test_equal_short_runs_fill_their_packs_and_spread_over_enough_messages(n, ta
     assert len(packs) >= min(n, MIN_MESSAGES) * 0.5  # a small grid still feeds every process
     if n * 0.004 > target * MIN_MESSAGES * 2:  # a big grid: packs of about the target
         assert max(map(len, packs)) == int(target / 0.004 + 1e-9)
+
+
+@given(COSTS, st.floats(0.01, 1.0))
+def test_the_head_of_a_longer_queue_keeps_its_order(costs, target) -> None:
+    packs = pack(costs, target, spread=False)
+    assert [i for p in packs for i in p] == [i for i, _ in costs]
+    cost = dict(costs)
+    assert all(sum(cost[i] for i in p) <= target * (1 + 1e-9) for p in packs if len(p) > 1)
 
 
 def test_no_target_is_one_run_per_message() -> None:
