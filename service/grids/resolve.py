@@ -416,13 +416,45 @@ def block_configs(
         return
     base, row_pieces = pieces
     both = [list(zip(u, p, strict=True)) for u, p in zip(updates, row_pieces, strict=True)]
-    for combo in itertools.product(*both):
-        config = template.copy()
+    fastest = _one_key(both[-1]) if both else None
+    if fastest is None:
+        for combo in itertools.product(*both):
+            config = template.copy()
+            text = base.copy()
+            for pairs, json_pairs in combo:
+                config.update(pairs)
+                text.update(json_pairs)
+            yield config, "{" + ",".join(text.values()) + "}"
+        return
+    # The fastest axis (the seeds) sets one key: the rest of the config and of its text
+    # are made once per combination of the other axes, and each of its rows adds its
+    # key's value and piece between the text's head and tail (keys stay sorted).
+    position = list(base).index(fastest)
+    last = [(pairs[0][1], json_pairs[0][1]) for pairs, json_pairs in both[-1]]
+    for combo in itertools.product(*both[:-1]):
+        outer = template.copy()
         text = base.copy()
         for pairs, json_pairs in combo:
-            config.update(pairs)
+            outer.update(pairs)
             text.update(json_pairs)
-        yield config, "{" + ",".join(text.values()) + "}"
+        values = list(text.values())
+        head = "{" + "".join(piece + "," for piece in values[:position])
+        tail = "".join("," + piece for piece in values[position + 1 :]) + "}"
+        for value, piece in last:
+            config = outer.copy()
+            config[fastest] = value
+            yield config, head + piece + tail
+
+
+_AxisRows = list[tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, str], ...]]]
+
+
+def _one_key(rows: _AxisRows) -> str | None:
+    """The key every row of an axis sets, when each sets exactly that one; else None."""
+    keys = {pairs[0][0] for pairs, _ in rows if len(pairs) == 1}
+    if len(keys) != 1 or any(len(pairs) != 1 for pairs, _ in rows):
+        return None
+    return keys.pop()
 
 
 def _json_pieces(

@@ -35,14 +35,15 @@ SCRIPT_LOCATION = Path(migrations.__file__).resolve().parent
 _PG_LOCK_KEY = 0x6D6C7071  # "mlpq"
 
 
-#: Partial indexes written by hand in the migrations (the window's, revision 0004).
-HAND_WRITTEN_INDEXES = frozenset({"ix_runs_unsent", "ix_runs_in_broker"})
+#: Indexes written by hand in the migrations, per store: the window's partial indexes
+#: (revision 0004) and dedupe's, a hash index on PostgreSQL (0005).
+HAND_WRITTEN_INDEXES = frozenset({"ix_runs_unsent", "ix_runs_in_broker", "ix_runs_config_hash"})
 
 
 def include_object(
     obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
 ) -> bool:
-    """Autogenerate filter: views and partial indexes are written by hand in migrations."""
+    """Autogenerate filter: views and some indexes are written by hand in migrations."""
     if type_ == "index" and name in HAND_WRITTEN_INDEXES:
         return False
     return not (type_ == "table" and name in VIEWS)

@@ -86,11 +86,12 @@ class Run(Base):
     __tablename__ = "runs"
     __table_args__ = (
         Index("ix_runs_experiment_status", "experiment_id", "status"),
-        Index("ix_runs_config_hash", "config_hash"),
         Index("ix_runs_status_heartbeat", "status", "heartbeat_at"),
-        # ix_runs_unsent and ix_runs_in_broker, partial indexes of the window, are
-        # written by hand in migration 0004 (declared here, their postgresql_where would
-        # import SQLAlchemy's PostgreSQL dialect into every process, a SQLite one too).
+        # Written by hand in the migrations: ix_runs_config_hash (a btree, a hash index on
+        # PostgreSQL since 0005) and the window's partial indexes ix_runs_unsent and
+        # ix_runs_in_broker (0004). Declared here, their postgresql_using and
+        # postgresql_where would import SQLAlchemy's PostgreSQL dialect into every
+        # process, a SQLite one too.
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

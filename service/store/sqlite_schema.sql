@@ -208,4 +208,4 @@ CREATE INDEX ix_runs_unsent ON runs (id) WHERE status = 'queued' AND NOT publish
 
 CREATE INDEX ix_runs_in_broker ON runs (published_at) WHERE status = 'queued' AND published;
 
-INSERT INTO alembic_version (version_num) VALUES ('0004');
+INSERT INTO alembic_version (version_num) VALUES ('0005');
