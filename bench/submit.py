@@ -25,7 +25,9 @@ with ``--store sqlite``, a fresh SQLite file; the broker a Redis db of its own
 (``MLPQ_BENCH_REDIS_URL``; a db 1..15 taken by the same lease the tests use);
 both are removed or flushed at the end. The store is checked to hold every run,
 the runs it marks published are those the submit reported, and the queue holds
-no more than the window. The last line is JSON.
+no more than the window. Then the same grid is submitted again and timed: every
+run is found queued already (dedupe), and nothing is stored or sent twice. The
+last line is JSON.
 
     python bench/submit.py [--runs 100000] [--quick] [--store sqlite] [--sample N]
 """
@@ -207,6 +209,22 @@ def ours(grid_path: Path, store_url: str, app, client: redis.Redis) -> dict[str,
         )
     if report.unsent != len(grid) - published:
         raise SystemExit(f"submit bench: {report.unsent} unsent of {len(grid) - published}")
+    # The same grid again: every run is found queued already (dedupe), nothing is stored
+    # or sent twice.
+    engine = make_engine(store_url)
+    again_start = time.perf_counter()
+    again = submit(grid=load_grid(grid_path, yes=True), engine=engine, app=app)
+    again_seconds = time.perf_counter() - again_start
+    with engine.connect() as conn:
+        stored_again = conn.execute(select(func.count()).select_from(Run)).scalar()
+    engine.dispose()
+    if again.new or again.already_queued != len(grid) or stored_again != stored:
+        raise SystemExit(
+            f"submit bench: the re-submit stored {again.new} new runs ({stored_again} in all) "
+            f"and found {again.already_queued} of {len(grid)} queued"
+        )
+    if client.llen(QUEUE) > window:
+        raise SystemExit(f"submit bench: {client.llen(QUEUE)} messages after the re-submit")
     inserted = marks.get("insert", expanded)
     prepared = marks.get("insert_start", inserted)
     return {
@@ -224,6 +242,7 @@ def ours(grid_path: Path, store_url: str, app, client: redis.Redis) -> dict[str,
         "memory_peak": memory.peak,
         "memory_samples": memory.samples,
         "store_bytes": size,
+        "resubmit_s": again_seconds,
     }
 
 
@@ -300,6 +319,10 @@ def main() -> None:
     )
     print(f"  store (runs + experiments): {mb(result['store_bytes'])}")
     print(
+        f"  the same grid submitted again (every run found queued, nothing stored or sent): "
+        f"{result['resubmit_s']:.2f}s = {result['runs'] / result['resubmit_s']:,.0f} runs/s"
+    )
+    print(
         f"  plain apply_async loop ({sample:,} messages): {ref_rate:,.0f} messages/s, "
         f"{ref_bytes:,.0f} Redis bytes per message (one message per run: "
         f"{mb(ref_bytes * result['runs'])})"
@@ -323,6 +346,8 @@ def main() -> None:
                 "redis_used_memory_peak_bytes": result["memory_peak"],
                 "redis_used_memory_increase_bytes": increase,
                 "store_bytes": result["store_bytes"],
+                "resubmit_s": round(result["resubmit_s"], 3),
+                "resubmit_runs_per_s": round(result["runs"] / result["resubmit_s"], 1),
                 "apply_async_loop_per_s": round(ref_rate, 1),
                 "apply_async_sample": sample,
                 "apply_async_redis_bytes_per_message": round(ref_bytes, 1),
