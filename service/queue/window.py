@@ -55,6 +55,8 @@ RUNNING_FACTOR = 4
 ROWS_PER_MESSAGE = 64
 
 _COUNT_RUNNING = text("SELECT count(*) FROM runs WHERE status = 'running'")
+# Whether any run waits for the window (the first entry of ix_runs_unsent, if any).
+_ANY_UNSENT = text("SELECT 1 FROM runs WHERE status = 'queued' AND NOT published LIMIT 1")
 _NEXT_UNSENT = text(
     "SELECT id, est_seconds FROM runs WHERE status = 'queued' AND NOT published "
     "ORDER BY id LIMIT :n"
@@ -66,18 +68,22 @@ def queue_size(app: Celery) -> int | None:
     from amqp.exceptions import NotFound
     from kombu.exceptions import ChannelError
 
-    try:
-        with app.connection_for_read() as conn:
+    # A connection of the app's broker pool: a worker asks after every message, and a
+    # new connection each time (connect, channel, LLEN) was most of what the ask cost.
+    with app.pool.acquire(block=True) as conn:
+        try:
             channel = conn.default_channel
             size = getattr(channel, "_size", None)  # kombu's virtual transports: Redis, files
             if size is not None:
                 return int(size(QUEUE))
             return int(channel.queue_declare(queue=QUEUE, passive=True).message_count)
-    except (ChannelError, NotFound):
-        return 0  # no such queue yet (Redis drops an empty list): nothing in it
-    except Exception as exc:
-        log.debug("window: cannot read the queue's size: %s", exc)
-        return None
+        except (ChannelError, NotFound):
+            return 0  # no such queue yet (Redis drops an empty list): nothing in it
+        except Exception as exc:
+            # Back to the pool closed: the next ask connects afresh (a broker restarted).
+            conn.collect()
+            log.debug("window: cannot read the queue's size: %s", exc)
+            return None
 
 
 def window_size(app: Celery, running: int) -> int:
@@ -101,6 +107,10 @@ def feed_lock(engine: Engine, *, block: bool) -> Iterator[bool]:
         yield held
 
 
+#: The feeder lock's key: one per store (schema), computed in the statement that takes it.
+_FEED_LOCK_KEY = "hashtext(current_schema() || '.mlpq.feed')"
+
+
 @contextmanager
 def _locked(conn: Connection, *, block: bool) -> Iterator[bool]:
     """The feeder lock; yields False at once if another holds it and ``block`` is off.
@@ -110,15 +120,14 @@ def _locked(conn: Connection, *, block: bool) -> Iterator[bool]:
     SQLite: a file lock beside the database (one machine).
     """
     if conn.dialect.name == "postgresql":
-        key = conn.execute(text("SELECT hashtext(current_schema() || '.mlpq.feed')")).scalar()
         call = "pg_advisory_lock" if block else "pg_try_advisory_lock"
-        got = conn.execute(text(f"SELECT {call}(:k)"), {"k": key}).scalar()
+        got = conn.execute(text(f"SELECT {call}({_FEED_LOCK_KEY})")).scalar()
         held = True if block else bool(got)
         try:
             yield held
         finally:
             if held:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.execute(text(f"SELECT pg_advisory_unlock({_FEED_LOCK_KEY})"))
             if conn.in_transaction():
                 conn.commit()
         return
@@ -165,6 +174,10 @@ def feed(
         with engine.connect() as own:
             return feed(app, engine, block=block, progress=progress, conn=own)
     try:
+        if conn.execute(_ANY_UNSENT).first() is None:
+            # Nothing waits in the store (the tail of every grid): no lock, no counts.
+            # A run marked unsent after this look is fed by whoever marked it.
+            return 0
         with _locked(conn, block=block) as held:
             # Counted again under the lock: another feeder may have filled it meanwhile.
             packs = _packs_for_room(app, conn) if held else []
