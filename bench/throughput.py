@@ -16,7 +16,9 @@ runs (from /proc, per run): the worker's processes, its main process,
 PostgreSQL, Redis and the whole machine (2 cores give 2 s of CPU a second).
 A second reference bounds what any queue and store could reach: the engine
 alone (dataset, steps, result) on a sample of the same configs in this
-process, times the number of worker processes.
+process, times the number of worker processes; measured before the first round
+and again before each round of runs (100 configs each time, the workers idle),
+so that it drifts with the machine as the runs do.
 
 ``--steps N`` trains each run N steps instead of 20, everything else unchanged:
 ``--steps 1`` shows what the rest of a run's life (claim, setup, weights file,
@@ -243,13 +245,18 @@ def publish_pings(app, n: int) -> None:
                 amqp.send_task_message(producer, PING_TASK, message, queue=QUEUE, retry=False)
 
 
-def engine_seconds_per_run(configs: list[dict], sample: int) -> float:
-    """Mean seconds the engine alone spends on one of ``configs`` (load, train, result)."""
+def engine_seconds_per_run(configs: list[dict], sample: int, offset: int = 0) -> float:
+    """Mean seconds the engine alone spends on one of ``configs`` (load, train, result).
+
+    ``sample`` configs drawn at random (seeded by ``offset``: each call its own).
+    """
+    import random
+
     from threadpoolctl import threadpool_limits
 
     from engine import TrainConfig, Trainer, load_dataset
 
-    picked = configs[:: max(1, len(configs) // sample)][:sample]
+    picked = random.Random(offset).sample(configs, min(sample, len(configs)))
     # One BLAS thread, as in every worker process.
     with threadpool_limits(limits=1):
         start = time.perf_counter()
@@ -343,9 +350,11 @@ def main() -> None:
             assert len(grid.runs) == per_round, len(grid.runs)
             (grids if r % 2 == 0 else single_grids).append(grid)
 
-        # The engine alone on the same configs, in this process: what no queue or store could beat.
+        # The engine alone on the same configs, in this process: what no queue or store could
+        # beat. Measured before every round of runs too (the workers idle meanwhile), so the
+        # machine's drift falls on it as on the runs.
         configs = [run.config for grid in grids for run in grid.runs]
-        engine_s = engine_seconds_per_run(configs, sample=200)
+        engine_times = [engine_seconds_per_run(configs, sample=100)]
 
         workers = Workers(env, args.concurrency, tmp / "worker.log")
         workers.wait_ready(app)
@@ -367,7 +376,8 @@ def main() -> None:
         run_times, single_times, submit_s, published = [], [], 0.0, 0
         cpu = dict.fromkeys(cpu_breakdown(workers.proc.pid, redis.proc.pid), 0.0)
         done = 0
-        for grid, single in zip(grids, single_grids, strict=True):
+        for r, (grid, single) in enumerate(zip(grids, single_grids, strict=True)):
+            engine_times.append(engine_seconds_per_run(configs, sample=100, offset=r + 1))
             cpu_before = cpu_breakdown(workers.proc.pid, redis.proc.pid)
             start = time.perf_counter()
             report = submit(grid=grid, engine=engine, app=app)
@@ -438,10 +448,14 @@ def main() -> None:
         "CPU per run (ms): "
         + ", ".join(f"{name} {seconds / runs * 1000:.2f}" for name, seconds in cpu.items())
     )
+    engine_s = sum(engine_times) / len(engine_times)
     engine_bound = args.concurrency / engine_s
     print(
         f"engine only: {engine_s * 1000:.2f} ms per run in one process "
-        f"= at most {engine_bound:.1f} runs/s on {args.concurrency} processes"
+        f"= at most {engine_bound:.1f} runs/s on {args.concurrency} processes (mean of "
+        f"{len(engine_times)} samples of 100 runs, before each round: "
+        + ", ".join(f"{t * 1000:.2f}" for t in engine_times)
+        + " ms)"
     )
     print(
         f"ratio: {runs_per_s / engine_bound:.2f} of the engine-only bound (target >= 0.5 at 20 "
@@ -462,6 +476,7 @@ def main() -> None:
                 "noop_per_s_by_round": [round(per_round / t, 1) for t in noop_times],
                 "fraction_of_noop": round(fraction, 3),
                 "engine_only_per_s": round(engine_bound, 1),
+                "engine_ms_per_run_by_round": [round(t * 1000, 2) for t in engine_times],
                 "fraction_of_engine_only": round(runs_per_s / engine_bound, 3),
                 "one_message_per_run_fraction_of_engine_only": round(
                     single_per_s / engine_bound, 3

@@ -18,7 +18,7 @@ from service.queue import REAP_TASK, TRAIN_TASK
 from service.settings import get_settings
 from worker import handback
 from worker.app import app
-from worker.training import HANDED_BACK, connection_lost, execute_run
+from worker.training import HANDED_BACK, connection_lost, execute_runs
 
 log = logging.getLogger("mlpq.worker")
 
@@ -64,9 +64,9 @@ def parse_run_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int] | 
 def train(self: Task, *args: Any, **kwargs: Any) -> str:
     """Train the run, or each run of the pack, the message carries (claim, train, store).
 
-    Each run of a pack is claimed and finished on its own: a pack delivered again
-    does only what is left (the claims of finished runs are no-ops), and one run's
-    failure is that run's alone. A malformed payload (not exactly one run id or
+    The runs of a pack are claimed together, in one statement, and each is trained
+    and finished as its own: a pack delivered again does only what is left (the
+    claims of finished runs are refused), and one run's failure is that run's alone. A malformed payload (not exactly one run id or
     one list of them, integers from 1 to 2**31 - 1) is dropped with one log line,
     and acknowledged: no retry could make it valid. Returns what became of each run.
     """
@@ -81,39 +81,36 @@ def train(self: Task, *args: Any, **kwargs: Any) -> str:
         )
         return "dropped"
     settings = get_settings()
-    outcomes: list[str] = []
     with handback.training():
-        for i, run_id in enumerate(ids):
-            if handback.requested():  # told to stop between two runs of the pack
-                _send_again(ids[i:])
-                break
-            try:
-                outcome = execute_run(run_id=run_id, settings=settings)
-            except Exception as exc:
-                if not connection_lost(exc):
-                    raise
-                # The store is unreachable before the claim: acking would lose the runs'
-                # only message, so what is left of it comes back later (a run's own
-                # failures never reach here).
-                first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-                log.warning(
-                    "run %d: store unreachable (%s); trying again in %ds",
-                    run_id,
-                    first,
-                    STORE_RETRY_SECONDS,
-                )
-                rest = ids[i:]
-                raise self.retry(
-                    args=(rest if len(rest) > 1 else rest[0],), countdown=STORE_RETRY_SECONDS
-                ) from None
-            outcomes.append(outcome.status)
-            if outcome.status == HANDED_BACK:
-                # The broker restores the unacked message too; a second one is a no-op claim.
-                _send_again(ids[i:])
-                break
+        try:
+            outcomes = execute_runs(run_ids=ids, settings=settings)
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+            # The store is unreachable for the claim: nothing is claimed, and acking would
+            # lose the runs' only message, so it comes back later (a run's own failures
+            # never reach here).
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            log.warning(
+                "run %s: store unreachable (%s); trying again in %ds",
+                ids[0] if len(ids) == 1 else ids,
+                first,
+                STORE_RETRY_SECONDS,
+            )
+            raise self.retry(
+                args=(ids if len(ids) > 1 else ids[0],), countdown=STORE_RETRY_SECONDS
+            ) from None
+        done = len(outcomes)
+        if outcomes and outcomes[-1].status == HANDED_BACK:
+            done -= 1  # queued again, to resume from its checkpoint
+        if done < len(ids):
+            # Told to stop: what this process will not train goes back in the window (the
+            # broker restores the unacked message too; a second one is a no-op claim).
+            _send_again(ids[done:])
         else:
             _top_up()
-    return outcomes[0] if len(ids) == 1 and outcomes else ",".join(outcomes)
+    statuses = [outcome.status for outcome in outcomes]
+    return statuses[0] if len(ids) == 1 and statuses else ",".join(statuses)
 
 
 def _top_up() -> None:

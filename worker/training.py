@@ -1,11 +1,12 @@
-"""One run, start to finish, on this worker: what the train task calls.
+"""The runs of one message, start to finish, on this worker: what the train task calls.
 
-A run holds one pooled connection from its claim to its final write, and every
-write is a short transaction on it. Round trips for a run that finishes within
-one flush interval on PostgreSQL: the claim (one UPDATE ... RETURNING) and the
-final write (one statement: status and summary, metrics, weights), both in
-autocommit, as prepared statements (the first run on a connection prepares them:
-one more round trip each). Longer runs add one transaction per flush or
+A pack holds one pooled connection from its claim to its last final write, and every
+write is a short transaction on it. Round trips for a pack of runs that each finish
+within one flush interval on PostgreSQL: the claim of all of them (one UPDATE ...
+RETURNING) and their final writes (one statement each: status and summary, metrics,
+weights), sent together in one pipeline; all in autocommit, as prepared statements
+(the first pack on a connection prepares them: one more round trip each). A single
+run: the same two round trips. Longer runs add one transaction per flush or
 heartbeat, and per checkpoint.
 """
 
@@ -17,7 +18,7 @@ import os
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +36,14 @@ from service.store import (
     Claim,
     Refusal,
     RunStatus,
-    claim_run,
+    claim_runs,
     finish_run,
+    finish_runs,
     get_engine,
     prepare_resume,
     record_resume,
+    refresh_claims,
+    release_claims,
     release_run,
     save_progress,
     worker_identity,
@@ -94,13 +98,35 @@ class Outcome:
 
 def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -> Outcome:
     """Claim ``run_id``, train it and store the result; never raises for a run's own failure."""
+    outcomes = execute_runs(run_ids=[run_id], settings=settings, worker=worker)
+    return outcomes[0] if outcomes else Outcome(run_id, HANDED_BACK, "not started")
+
+
+def execute_runs(
+    *, run_ids: Sequence[int], settings: Settings, worker: str | None = None
+) -> list[Outcome]:
+    """Claim the runs of a pack together, train each in turn, and store their results.
+
+    One statement claims them all, and the results of runs that end close together
+    are written together (``_Pack.flush``): a pack of tiny runs costs two round trips
+    and one synchronous commit, not two of each per run. Never raises for a run's
+    own failure; raises when the store is unreachable for the claim (nothing is
+    claimed then: the caller sends the pack again later).
+
+    Returns one outcome per run, in order; fewer when this process is told to stop
+    (``handback``) between two runs: the runs it claimed and did not start are
+    queued again with their attempt given back, and the caller sends what has no
+    outcome again (and the run of a last ``HANDED_BACK`` outcome, queued again too).
+    """
     engine = get_engine(settings.database_url)
     worker = worker or worker_identity()
+    if handback.requested():
+        return []
     conn = _KEPT.pop((engine, os.getpid()), None)
-    claim: Claim | Refusal | None = None
+    claims: list[Claim | Refusal] = []
     if conn is not None:
         try:
-            claim = _claim(conn, run_id, worker, settings)
+            claims = _claim(conn, run_ids, worker, settings)
         except Exception as exc:
             conn.close()
             if not connection_lost(exc):
@@ -109,54 +135,212 @@ def execute_run(*, run_id: int, settings: Settings, worker: str | None = None) -
     if conn is None:
         conn = _connect(engine)
         try:
-            claim = _claim(conn, run_id, worker, settings)
+            claims = _claim(conn, run_ids, worker, settings)
         except BaseException:
             conn.close()
             raise
+    pack = _Pack(claims, settings, conn)
     try:
-        outcome, conn = _run_claimed(claim, conn, settings)
+        outcomes = pack.run()
     except BaseException:
-        conn.close()
+        pack.conn.close()
         raise
-    _keep(engine, conn)
-    return outcome
+    _keep(engine, pack.conn)
+    return outcomes
 
 
-def _run_claimed(
-    claim: Claim | Refusal, conn: Connection, settings: Settings
-) -> tuple[Outcome, Connection]:
-    """What became of the claimed run, and the connection the run ended on."""
-    if isinstance(claim, Refusal):
-        log.info("run %d: message dropped: %s", claim.run_id, claim.reason)
-        return Outcome(claim.run_id, "dropped", claim.reason), conn
-    log.info("run %d: claimed by %s (attempt %d)", claim.run_id, claim.worker, claim.attempt)
-    run = _ClaimedRun(claim, settings, conn, autocommit=conn.dialect.name == "postgresql")
-    try:
-        return run.train(), run.conn
-    except StoreLost as exc:
-        # Not the run's failure: it stays running, its heartbeat goes stale, and the reaper
-        # queues it again to resume from its last checkpoint.
-        log.warning(
-            "run %d: the store stayed unreachable (%s); left for the stale-run reaper",
-            claim.run_id,
-            exc,
-        )
-        return Outcome(claim.run_id, "lost", str(exc)), run.conn
-    except Exception:
-        error = traceback.format_exc()
-        log.error("run %d: failed:\n%s", claim.run_id, error)
-        return run.fail(error), run.conn
-
-
-def _claim(conn: Connection, run_id: int, worker: str, settings: Settings) -> Claim | Refusal:
+def _claim(
+    conn: Connection, run_ids: Sequence[int], worker: str, settings: Settings
+) -> list[Claim | Refusal]:
     with _one_write(conn):
-        return claim_run(
+        return claim_runs(
             session=conn,
-            run_id=run_id,
+            run_ids=run_ids,
             worker=worker,
             stale_seconds=settings.stale_seconds,
             max_attempts=settings.max_attempts,
         )
+
+
+@dataclass
+class _Final:
+    """A run's result, trained and not written yet: ``finish_run``'s arguments."""
+
+    run: _ClaimedRun
+    status: RunStatus
+    stop_reason: str | None
+    kwargs: dict[str, Any]
+
+
+class _Pack:
+    """The claimed runs of one message, trained in turn on one connection.
+
+    A result waits to be written with the next ones while runs keep ending close
+    together: it is written when the pack ends, before any run's first progress
+    write (a run long enough to write progress flushes what waits), and before
+    runs are handed back. A worker killed meanwhile loses only results not written
+    yet, and their runs are claimed again like the one it was training.
+    """
+
+    def __init__(self, claims: list[Claim | Refusal], settings: Settings, conn: Connection):
+        self.claims = claims
+        self.settings = settings
+        self._conn = conn
+        self._current: _ClaimedRun | None = None
+        self.outcomes: list[Outcome | None] = []
+        self.pending: list[tuple[int, _Final]] = []
+
+    @property
+    def conn(self) -> Connection:
+        return self._current.conn if self._current is not None else self._conn
+
+    @conn.setter
+    def conn(self, conn: Connection) -> None:
+        if self._current is not None:
+            self._current.conn = conn
+        self._conn = conn
+
+    def run(self) -> list[Outcome]:
+        settings = self.settings
+        autocommit = self.conn.dialect.name == "postgresql"
+        claimed_at = time.monotonic()
+        beats: dict[int, Beat] = {}
+        for i, claim in enumerate(self.claims):
+            if isinstance(claim, Refusal):
+                log.info("run %d: message dropped: %s", claim.run_id, claim.reason)
+                self.outcomes.append(Outcome(claim.run_id, "dropped", claim.reason))
+                continue
+            rest = [c for c in self.claims[i:] if isinstance(c, Claim)]
+            if i and handback.requested():  # told to stop between two runs
+                self.flush()
+                self._release(rest)
+                break
+            if time.monotonic() - claimed_at >= settings.heartbeat_seconds:
+                # Runs claimed and not started yet keep their claim fresh, and learn of a cancel.
+                beats = self._refresh(rest)
+                claimed_at = time.monotonic()
+            beat = beats.get(claim.run_id, Beat.owned)
+            if beat is Beat.lost:
+                log.warning("run %d: no longer ours (reset or taken over); skipped", claim.run_id)
+                self.outcomes.append(Outcome(claim.run_id, "lost"))
+                continue
+            log.info(
+                "run %d: claimed by %s (attempt %d)", claim.run_id, claim.worker, claim.attempt
+            )
+            run = _ClaimedRun(
+                claim, settings, self.conn, autocommit=autocommit, before_progress=self.flush
+            )
+            self._current = run
+            try:
+                if beat is Beat.cancel:
+                    result: Outcome | _Final = run.unstarted(RunStatus.cancelled, "cancelled")
+                else:
+                    result = run.train()
+            except StoreLost as exc:
+                # Not the runs' failure: they stay running, their heartbeats go stale, and the
+                # reaper queues them again (to resume from their last checkpoints).
+                log.warning(
+                    "run %d: the store stayed unreachable (%s); it and the %d run(s) after it "
+                    "are left for the stale-run reaper",
+                    claim.run_id,
+                    exc,
+                    len(rest) - 1,
+                )
+                self.outcomes.extend(Outcome(c.run_id, "lost", str(exc)) for c in self.claims[i:])
+                break
+            except Exception:
+                error = traceback.format_exc()
+                log.error("run %d: failed:\n%s", claim.run_id, error)
+                result = run.fail(error)
+            finally:
+                self._conn, self._current = run.conn, None
+            if isinstance(result, _Final):
+                self.pending.append((len(self.outcomes), result))
+                self.outcomes.append(None)
+                continue
+            self.outcomes.append(result)
+            if result.status == HANDED_BACK:
+                self.flush()
+                self._release(rest[1:])
+                break
+        self.flush()
+        return [outcome for outcome in self.outcomes if outcome is not None]
+
+    def flush(self) -> None:
+        """Write the results waiting: together in one transaction, or else one by one."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        owned: list[bool] | None = None
+        if len(pending) > 1:
+            try:
+                with _one_write(self.conn):
+                    owned = finish_runs(
+                        session=self.conn, finals=[final.kwargs for _, final in pending]
+                    )
+            except Exception as exc:
+                # Written one by one below: a lost connection is retried there, and a
+                # result the store refuses fails its own run only.
+                log.info("results of %d runs: written one by one (%s)", len(pending), exc)
+                if self.conn.invalidated:
+                    with contextlib.suppress(Exception):
+                        self.conn.close()
+        lost: StoreLost | None = None
+        for k, (i, final) in enumerate(pending):
+            run = final.run
+            if owned is not None:
+                self.outcomes[i] = run.finished(final, owned[k])
+                continue
+            if lost is not None:
+                self.outcomes[i] = Outcome(run.claim.run_id, "lost", str(lost))
+                continue
+            run.conn = self.conn
+            try:
+                self.outcomes[i] = run.write_final(final)
+            except StoreLost as exc:
+                log.warning(
+                    "run %d: the store stayed unreachable (%s); left for the stale-run reaper",
+                    run.claim.run_id,
+                    exc,
+                )
+                lost = exc
+                self.outcomes[i] = Outcome(run.claim.run_id, "lost", str(exc))
+            except Exception:
+                error = traceback.format_exc()
+                log.error("run %d: failed:\n%s", run.claim.run_id, error)
+                self.outcomes[i] = run.fail(error)
+            self.conn = run.conn
+
+    def _refresh(self, claims: list[Claim]) -> dict[int, Beat]:
+        def refresh() -> dict[int, Beat]:
+            with _one_write(self.conn):
+                return refresh_claims(session=self.conn, claims=claims)
+
+        return self._retrying("heartbeat", claims, refresh, {})
+
+    def _release(self, claims: list[Claim]) -> None:
+        def release() -> None:
+            with _one_write(self.conn):
+                released = release_claims(session=self.conn, claims=claims)
+            if released:
+                log.info("runs %s: not started; queued again (worker stopping)", released)
+
+        self._retrying("hand-back", claims, release, None)
+
+    def _retrying(
+        self, what: str, claims: list[Claim], write: Callable[[], Any], default: Any
+    ) -> Any:
+        if not claims:
+            return default
+        run = self._current = _ClaimedRun(claims[0], self.settings, self.conn)
+        try:
+            return run._retrying(what, write)
+        except StoreLost as exc:
+            ids = [c.run_id for c in claims]
+            log.warning("runs %s: %s; left for the stale-run reaper", ids, exc)
+            return default
+        finally:
+            self._conn, self._current = run.conn, None
 
 
 @contextmanager
@@ -239,9 +423,16 @@ class _ClaimedRun:
     """The worker's side of one claimed run: the metric buffer, the clocks and the writes."""
 
     def __init__(
-        self, claim: Claim, settings: Settings, conn: Connection, *, autocommit: bool = False
+        self,
+        claim: Claim,
+        settings: Settings,
+        conn: Connection,
+        *,
+        autocommit: bool = False,
+        before_progress: Callable[[], None] | None = None,
     ) -> None:
         self.claim = claim
+        self.before_progress = before_progress
         self.settings = settings
         self.conn = conn
         self.engine = conn.engine
@@ -250,7 +441,8 @@ class _ClaimedRun:
         # Whether the run may have artifacts to replace: a checkpoint of this or an earlier attempt.
         self.has_artifacts = claim.resumes
 
-    def train(self) -> Outcome:
+    def train(self) -> Outcome | _Final:
+        """Train the run: its result to write (``write_final``), or what became of it."""
         claim, settings = self.claim, self.settings
         raw = dict(claim.config)
         time_limit = raw.pop(TIME_LIMIT_KEY, None)
@@ -303,30 +495,61 @@ class _ClaimedRun:
         if status is None:
             status, stop_reason = RunStatus(result.outcome), result.stop_reason
 
+        return _Final(
+            self,
+            status,
+            stop_reason,
+            {
+                "run_id": claim.run_id,
+                "worker": claim.worker,
+                "attempt": claim.attempt,
+                "status": status,
+                "records": self.buffer,
+                "weights": result.weights,
+                "weight_shapes": result.shapes,
+                "summary": result.summary,
+                "stop_reason": stop_reason,
+                "has_artifacts": self.has_artifacts,
+            },
+        )
+
+    def unstarted(self, status: RunStatus, stop_reason: str) -> _Final:
+        """The result of a claimed run ended before it started (cancelled while it waited)."""
+        claim = self.claim
+        return _Final(
+            self,
+            status,
+            stop_reason,
+            {
+                "run_id": claim.run_id,
+                "worker": claim.worker,
+                "attempt": claim.attempt,
+                "status": status,
+                "stop_reason": stop_reason,
+                "has_artifacts": self.has_artifacts,
+            },
+        )
+
+    def write_final(self, final: _Final) -> Outcome:
+        """Write the run's result on its own (retried while the store's connection is lost)."""
+
         def finish() -> bool:
             with _one_write(self.conn):
-                return finish_run(
-                    session=self.conn,
-                    run_id=claim.run_id,
-                    worker=claim.worker,
-                    attempt=claim.attempt,
-                    status=status,
-                    records=self.buffer,
-                    weights=result.weights,
-                    weight_shapes=result.shapes,
-                    summary=result.summary,
-                    stop_reason=stop_reason,
-                    has_artifacts=self.has_artifacts,
-                )
+                return finish_run(session=self.conn, **final.kwargs)
 
         owned = self._retrying("final write", finish)
-        if not owned and self._finished_by_us(status):
+        if not owned and self._finished_by_us(final.status):
             owned = True  # an earlier try committed; only its reply was lost with the connection
+        return self.finished(final, owned)
+
+    def finished(self, final: _Final, owned: bool) -> Outcome:
+        """What became of the run once its result was written (``owned``) or refused."""
+        run_id = self.claim.run_id
         if not owned:
-            log.warning("run %d: finished but no longer ours; result discarded", claim.run_id)
-            return Outcome(claim.run_id, "lost")
-        log.info("run %d: %s (%s)", claim.run_id, status.value, stop_reason)
-        return Outcome(claim.run_id, status.value, stop_reason or "")
+            log.warning("run %d: finished but no longer ours; result discarded", run_id)
+            return Outcome(run_id, "lost")
+        log.info("run %d: %s (%s)", run_id, final.status.value, final.stop_reason)
+        return Outcome(run_id, final.status.value, final.stop_reason or "")
 
     def _hand_back(self, trainer: Trainer) -> Outcome:
         """This worker is stopping: checkpoint now and queue the run again, to resume elsewhere."""
@@ -459,6 +682,8 @@ class _ClaimedRun:
         return resume.checkpoint
 
     def _save(self, checkpoint: bytes | None, step: int) -> Beat:
+        if self.before_progress is not None:
+            self.before_progress()  # results of the pack's earlier runs go first
         return self._retrying("progress write", lambda: self._save_once(checkpoint, step))
 
     def _save_once(self, checkpoint: bytes | None, step: int) -> Beat:

@@ -144,6 +144,24 @@ _PG_CLAIM = (
     "AND attempt < %(b_max_attempts)s AND NOT cancel_requested "
     "RETURNING attempt, config, resumed_from_step"
 )
+# The claim of every run of a pack at once: _CLAIM for a list of ids.
+_CLAIM_MANY = (
+    update(_runs)
+    .where(
+        _runs.c.id.in_(bindparam("b_ids", expanding=True)),
+        or_(
+            _runs.c.status == RunStatus.queued,
+            and_(_runs.c.status == RunStatus.running, _runs.c.heartbeat_at < bindparam("b_cutoff")),
+        ),
+        _runs.c.attempt < bindparam("b_max_attempts"),
+        ~_runs.c.cancel_requested,
+    )
+    .values(_CLAIM_VALUES)
+    .returning(_runs.c.id, _runs.c.attempt, _runs.c.config, _runs.c.resumed_from_step)
+)
+_PG_CLAIM_MANY = _PG_CLAIM.replace(
+    "WHERE id = %(b_id)s", "WHERE id = ANY(%(b_ids)s::int4[])"
+).replace("RETURNING attempt", "RETURNING id, attempt")
 # Guards of every write a worker makes to a run it claimed.
 _OWNED = (
     _runs.c.id == bindparam("b_id"),
@@ -190,7 +208,15 @@ _PG_METRIC_PARAMS = tuple(f"m_{name}" for name in RECORD_FIELDS)
 
 
 def _pg_first_row(conn: Connection, statement: str, params: dict[str, Any]) -> tuple | None:
-    """Execute ``statement`` (psycopg ``%(name)s`` style) on ``conn``'s driver; its first row.
+    """``_pg_rows``' first row, or None."""
+    rows = _pg_rows(conn, statement, params, first=True)
+    return rows[0] if rows else None
+
+
+def _pg_rows(
+    conn: Connection, statement: str, params: dict[str, Any], *, first: bool = False
+) -> list[tuple]:
+    """Execute ``statement`` (psycopg ``%(name)s`` style) on ``conn``'s driver; its rows.
 
     The claim and the final write of a run skip SQLAlchemy's execution machinery,
     which costs more client CPU than psycopg itself (about 0.15 ms a statement), so
@@ -202,12 +228,16 @@ def _pg_first_row(conn: Connection, statement: str, params: dict[str, Any]) -> t
     driver = conn.connection.driver_connection
     if not (driver.autocommit or conn.in_transaction()):
         # Let SQLAlchemy begin the transaction, so the caller's commit() covers this statement.
-        return conn.exec_driver_sql(statement, params).first()
+        result = conn.exec_driver_sql(statement, params)
+        return [tuple(row) for row in (result.fetchmany(1) if first else result.all())]
     driver_error = conn.dialect.loaded_dbapi.Error
     try:
         with driver.cursor() as cursor:
             cursor.execute(statement, params, prepare=True)
-            return cursor.fetchone()
+            if not first:
+                return cursor.fetchall()
+            row = cursor.fetchone()
+            return [] if row is None else [row]
     except driver_error as exc:
         lost = conn.dialect.is_disconnect(exc, driver, None)
         if lost:
@@ -365,6 +395,119 @@ def claim_run(
     return Refusal(run_id, outcome)
 
 
+def claim_runs(
+    *,
+    session: Session | Connection,
+    run_ids: Sequence[int],
+    worker: str,
+    stale_seconds: float,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> list[Claim | Refusal]:
+    """``claim_run`` for the runs of a pack, in their order: one statement claims them all.
+
+    The common case (every run queued) is one UPDATE ... RETURNING, so a pack's claims
+    cost one round trip and one synchronous commit together. A run the statement
+    did not take goes through ``claim_run`` on its own, which says why or takes over
+    a run whose owner is gone.
+    """
+    if len(run_ids) == 1:
+        return [
+            claim_run(
+                session=session,
+                run_id=run_ids[0],
+                worker=worker,
+                stale_seconds=stale_seconds,
+                max_attempts=max_attempts,
+                now=now,
+            )
+        ]
+    now = now or utcnow()
+    params = {
+        "b_ids": list(run_ids),
+        "b_worker": worker,
+        "b_now": now,
+        "b_cutoff": now - timedelta(seconds=stale_seconds),
+        "b_max_attempts": max_attempts,
+    }
+    conn = session.connection() if isinstance(session, Session) else session
+    if conn.dialect.name == "postgresql":
+        rows = _pg_rows(conn, _PG_CLAIM_MANY, params)
+    else:
+        rows = conn.execute(_CLAIM_MANY, params).all()
+    taken = {row[0]: Claim(row[0], row[1], worker, row[2], row[3]) for row in rows}
+    return [
+        taken.pop(run_id, None)
+        or claim_run(
+            session=session,
+            run_id=run_id,
+            worker=worker,
+            stale_seconds=stale_seconds,
+            max_attempts=max_attempts,
+            now=now,
+        )
+        for run_id in run_ids
+    ]
+
+
+_REFRESH_CLAIMS = (
+    f"UPDATE runs SET heartbeat_at = %(now)s FROM unnest(%(ids)s::int4[], %(attempts)s::int4[]) "
+    "AS c(id, attempt) WHERE runs.id = c.id AND runs.attempt = c.attempt "
+    f"AND worker = %(worker)s AND status = '{RunStatus.running.value}' "
+    "RETURNING runs.id, cancel_requested"
+)
+
+
+def refresh_claims(
+    *, session: Session | Connection, claims: Sequence[Claim], now: datetime | None = None
+) -> dict[int, Beat]:
+    """Heartbeat of claimed runs not started yet: what each ``heartbeat`` would say, at once."""
+    if not claims:
+        return {}
+    now = now or utcnow()
+    conn = session.connection() if isinstance(session, Session) else session
+    if conn.dialect.name == "postgresql":
+        params = {
+            "now": now,
+            "ids": [c.run_id for c in claims],
+            "attempts": [c.attempt for c in claims],
+            "worker": claims[0].worker,
+        }
+        rows = {row[0]: row[1] for row in _pg_rows(conn, _REFRESH_CLAIMS, params)}
+        beats = {}
+        for claim in claims:
+            cancel = rows.get(claim.run_id)
+            beats[claim.run_id] = (
+                Beat.lost if cancel is None else Beat.cancel if cancel else Beat.owned
+            )
+        return beats
+    return {
+        c.run_id: heartbeat(
+            session=session, run_id=c.run_id, worker=c.worker, attempt=c.attempt, now=now
+        )
+        for c in claims
+    }
+
+
+def release_claims(*, session: Session | Connection, claims: Sequence[Claim]) -> list[int]:
+    """Give back claimed runs this worker did not start (it is stopping); the ids released.
+
+    Each is queued again as it was before the claim: attempt given back, any hand-back
+    step kept.
+    """
+    released = []
+    for claim in claims:
+        if release_run(
+            session=session,
+            run_id=claim.run_id,
+            worker=claim.worker,
+            attempt=claim.attempt,
+            step=claim.handed_back_at,
+        ):
+            released.append(claim.run_id)
+    return released
+
+
 class Beat(enum.StrEnum):
     """What a heartbeat learned."""
 
@@ -503,12 +646,9 @@ def finish_run(
     ownership UPDATE), so it is atomic even outside a transaction: a worker runs
     it in autocommit, one round trip for a run's whole result.
     """
-    from service.store.ingest import npz_shapes, write_metrics
+    from service.store.ingest import write_metrics
 
-    now = now or utcnow()
-    summary = summary or {}
-    if weights is not None and weight_shapes is None:
-        weight_shapes = npz_shapes(weights)
+    now, summary, weight_shapes = _final_defaults(now, summary, weights, weight_shapes)
     conn = session.connection() if isinstance(session, Session) else session
     if conn.dialect.name == "postgresql":
         return _finish_postgresql(
@@ -556,7 +696,25 @@ def finish_run(
     return True
 
 
-def _finish_postgresql(
+def _final_defaults(
+    now: datetime | None,
+    summary: dict[str, Any] | None,
+    weights: bytes | None,
+    weight_shapes: Mapping[str, Sequence[int]] | None,
+) -> tuple[datetime, dict[str, Any], Mapping[str, Sequence[int]] | None]:
+    """``finish_run``'s defaults: now, no summary, the shapes read from the weights' npz."""
+    from service.store.ingest import npz_shapes
+
+    if weights is not None and weight_shapes is None:
+        weight_shapes = npz_shapes(weights)
+    return now or utcnow(), summary or {}, weight_shapes
+
+
+def _finish_postgresql(conn: Connection, **kwargs: Any) -> bool:
+    return _pg_first_row(conn, *_pg_finish(conn, **kwargs)) is not None
+
+
+def _pg_finish(
     conn: Connection,
     *,
     run_id: int,
@@ -571,7 +729,8 @@ def _finish_postgresql(
     error: str | None,
     has_artifacts: bool,
     now: datetime,
-) -> bool:
+) -> tuple[str, dict[str, Any]]:
+    """The statement of a run's final write on PostgreSQL, and its parameters."""
     from service.store.pg_ingest import pg_metric_arrays, register_pg_arrays
 
     statement = _pg_finish_statement(
@@ -594,7 +753,74 @@ def _finish_postgresql(
     if weights is not None:
         shapes = {name: list(shape) for name, shape in (weight_shapes or {}).items()}
         params.update(shapes=json.dumps(shapes), data=weights, size=len(weights))
-    return _pg_first_row(conn, statement, params) is not None
+    return statement, params
+
+
+#: finish_run's optional arguments and their defaults.
+_FINAL_OPTIONAL: dict[str, Any] = {
+    "records": (),
+    "weights": None,
+    "summary": None,
+    "stop_reason": None,
+    "error": None,
+    "has_artifacts": True,
+    "weight_shapes": None,
+    "now": None,
+}
+
+
+def finish_runs(*, session: Session | Connection, finals: Sequence[dict[str, Any]]) -> list[bool]:
+    """``finish_run`` for several runs (each a dict of its arguments) in one transaction.
+
+    On PostgreSQL the statements go in one pipeline: one round trip and one commit for
+    a pack's results. All or nothing: an error writes none of them (the caller then
+    writes them one by one, so one bad result fails its run alone). Returns, per
+    final, whether the run was still ours (False: nothing of it written).
+    """
+    conn = session.connection() if isinstance(session, Session) else session
+    if conn.dialect.name != "postgresql" or len(finals) < 2:
+        return [finish_run(session=session, **final) for final in finals]
+    statements = []
+    for final in finals:
+        final = {**_FINAL_OPTIONAL, **final}
+        final["now"], final["summary"], final["weight_shapes"] = _final_defaults(
+            final["now"], final["summary"], final["weights"], final["weight_shapes"]
+        )
+        statements.append(_pg_finish(conn, **final))
+    driver = conn.connection.driver_connection
+    if not driver.autocommit:
+        return [_pg_first_row(conn, *statement) is not None for statement in statements]
+    driver_error = conn.dialect.loaded_dbapi.Error
+    cursors = []
+    try:
+        # Autocommit: the statements up to the pipeline's one Sync are one implicit
+        # transaction, committed at the Sync (asynchronously: see _pg_finish_statement).
+        with driver.pipeline():
+            for statement, params in statements:
+                cursor = driver.cursor()
+                cursors.append(cursor)
+                cursor.execute(statement, params, prepare=True)
+        return [cursor.fetchone() is not None for cursor in cursors]
+    except driver_error as exc:
+        lost = conn.dialect.is_disconnect(exc, driver, None)
+        if lost:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            statements[0][0],
+            None,
+            exc,
+            driver_error,
+            hide_parameters=conn.engine.hide_parameters,
+            connection_invalidated=lost,
+            dialect=conn.dialect,
+        ) from exc
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            conn.invalidate(exc)
+        raise
+    finally:
+        for cursor in cursors:
+            cursor.close()
 
 
 # --- experiment-level operations (cancel, retry, reap) --------------------------------

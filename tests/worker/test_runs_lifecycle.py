@@ -97,6 +97,50 @@ def test_claim_refuses_missing_and_finished_runs(store_engine: Engine) -> None:
     assert isinstance(again, Refusal) and "already succeeded" in again.reason
 
 
+def test_a_pack_is_claimed_at_once_and_each_refusal_says_why(store_engine: Engine) -> None:
+    from service.store import claim_runs
+
+    queued, other, finished, stale, busy = add_runs(
+        store_engine, [{**TINY_BACKPROP, "seed": seed} for seed in range(5)]
+    )
+    claim = _claim(store_engine, finished, "w:1")
+    with _session(store_engine) as session:
+        finish_run(
+            session=session,
+            run_id=finished,
+            worker="w:1",
+            attempt=claim.attempt,
+            status=RunStatus.succeeded,
+        )
+    _claim(store_engine, stale, "gone:1", now=utcnow() - timedelta(seconds=STALE + 1))
+    _claim(store_engine, busy, "busy:1")
+    missing = busy + 1000
+    with _session(store_engine) as session:
+        got = claim_runs(
+            session=session,
+            run_ids=[queued, finished, missing, stale, busy, other],
+            worker="w:2",
+            stale_seconds=STALE,
+            max_attempts=3,
+        )
+    assert [type(g).__name__ for g in got] == [
+        "Claim",
+        "Refusal",
+        "Refusal",
+        "Claim",
+        "Refusal",
+        "Claim",
+    ]
+    assert [g.run_id for g in got] == [queued, finished, missing, stale, busy, other]
+    assert "already succeeded" in got[1].reason and "does not exist" in got[2].reason
+    assert "is running on busy:1" in got[4].reason
+    assert [g.attempt for g in (got[0], got[3], got[5])] == [1, 2, 1]
+    assert got[5].config["seed"] == 1
+    rows = run_rows(store_engine)
+    assert {rows[i].worker for i in (queued, stale, other)} == {"w:2"}
+    assert rows[busy].worker == "busy:1"
+
+
 def test_stale_run_is_taken_over_and_the_old_worker_writes_nothing(store_engine: Engine) -> None:
     (run_id,) = add_runs(store_engine, [TINY_BACKPROP])
     old = _claim(store_engine, run_id, "host-a:1")

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, select
 from worker_testlib import TINY_BACKPROP, add_runs, metric_steps, run_rows
 
-from service.store import RunStatus
+from service.store import Run, RunStatus
 
 
 @pytest.fixture
@@ -300,3 +300,185 @@ def test_worker_main_process_preloads_what_its_children_import(pg_store_url: str
     assert out[0] == "[False, False, False, False]"
     assert out[1] == "[True, True, True, True]"
     assert out[2] == "False"
+
+
+# --- packs: the runs of one message -----------------------------------------------------
+
+
+def _execute_pack(run_ids: list[int], settings: Any) -> list[str]:
+    from worker.training import execute_runs
+
+    outcomes = execute_runs(run_ids=run_ids, settings=settings, worker="here:1")
+    assert [o.run_id for o in outcomes] == run_ids[: len(outcomes)]
+    return [o.status for o in outcomes]
+
+
+def _wire(engine: Engine, action: Any) -> list[list[str]]:
+    """Run ``action`` on the worker's kept PostgreSQL connection: the statements of each
+    round trip (those sent before one Sync, or one simple Query), from libpq's trace."""
+    from psycopg import pq
+
+    driver = _kept_driver(engine)
+    with tempfile.TemporaryFile("w+") as trace:
+        driver.pgconn.trace(trace.fileno())
+        driver.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            action()
+        finally:
+            driver.pgconn.untrace()
+        trace.seek(0)
+        sent = [line.rstrip("\n").split("\t")[2:] for line in trace if line.startswith("F\t")]
+    prepared = dict(driver.execute("SELECT name, statement FROM pg_prepared_statements"))
+    trips: list[list[str]] = []
+    current: list[str] = []
+    for kind, *args in sent:
+        if kind == "Query":
+            trips.append([args[0].strip().strip('"').split(None, 1)[0]])
+        elif kind == "Bind":
+            current.append(prepared[args[0].split('"')[3]].split(None, 1)[0])
+        elif kind == "Sync":
+            trips.append(current)
+            current = []
+    assert not current, sent
+    return trips
+
+
+@pytest.mark.postgres
+def test_a_pack_of_tiny_runs_takes_two_round_trips(pg_store_url: str, tmp_path: Path) -> None:
+    from service.settings import load_settings
+    from service.store import get_engine
+
+    settings = load_settings(database_url=pg_store_url, home=tmp_path / "home")
+    engine = get_engine(pg_store_url)
+    ids = add_runs(engine, [{**TINY_BACKPROP, "seed": seed} for seed in range(6)])
+    assert _execute_pack(ids[:2], settings) == ["succeeded"] * 2  # prepares the statements
+    statuses: list[list[str]] = []
+    trips = _wire(engine, lambda: statuses.append(_execute_pack(ids[2:], settings)))
+    # One claim for the four runs, then their four final writes in one pipeline: one
+    # round trip and one (implicit) transaction.
+    assert trips == [["UPDATE"], ["WITH"] * 4]
+    assert statuses == [["succeeded"] * 4]
+    rows = run_rows(engine)
+    for run_id in ids:
+        assert (rows[run_id].status, rows[run_id].attempt) == (RunStatus.succeeded, 1)
+        assert metric_steps(engine, run_id) == list(range(1, TINY_BACKPROP["max_steps"] + 1))
+
+
+def test_a_pack_skips_what_is_done_and_a_failing_run_fails_alone(
+    settings: Any, engine: Engine
+) -> None:
+    ok = {**TINY_BACKPROP, "seed": 1}
+    done, bad, fine, cancelled = add_runs(
+        engine, [TINY_BACKPROP, {**TINY_BACKPROP, "learning_rate": -1.0}, ok, {**ok, "seed": 2}]
+    )
+    assert _execute(done, settings) == "succeeded"
+    from service.store import session_scope
+
+    with session_scope(engine) as session:
+        session.execute(
+            Run.__table__.update().where(Run.id == cancelled).values(status=RunStatus.cancelled)
+        )
+    # A pack delivered again after some of its runs ended does only what is left.
+    assert _execute_pack([done, bad, fine, cancelled], settings) == [
+        "dropped",
+        "failed",
+        "succeeded",
+        "dropped",
+    ]
+    rows = run_rows(engine)
+    assert "learning_rate" in rows[bad].error.strip().splitlines()[-1]
+    assert (rows[fine].status, rows[fine].attempt) == (RunStatus.succeeded, 1)
+    assert rows[done].attempt == 1  # not claimed a second time
+    assert metric_steps(engine, fine) == list(range(1, TINY_BACKPROP["max_steps"] + 1))
+
+
+@pytest.mark.postgres
+def test_a_result_the_store_refuses_fails_its_own_run_only(
+    pg_store_url: str, tmp_path: Path
+) -> None:
+    from service.settings import load_settings
+    from service.store import get_engine
+
+    settings = load_settings(database_url=pg_store_url, home=tmp_path / "home")
+    engine = get_engine(pg_store_url)
+    ids = add_runs(engine, [{**TINY_BACKPROP, "seed": seed} for seed in range(3)])
+    refused = ids[1]
+    with engine.begin() as conn:  # the store refuses the middle run's success
+        conn.exec_driver_sql(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'refused by the test'; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON runs FOR EACH ROW WHEN "
+            f"(NEW.id = {refused} AND NEW.status = 'succeeded') EXECUTE FUNCTION refuse()"
+        )
+    # The three results go together, all or nothing; refused, each is written on its own.
+    assert _execute_pack(ids, settings) == ["succeeded", "failed", "succeeded"]
+    rows = run_rows(engine)
+    assert "refused by the test" in rows[refused].error
+    for run_id in ids:
+        assert metric_steps(engine, run_id) == list(range(1, TINY_BACKPROP["max_steps"] + 1))
+
+
+def test_told_to_stop_between_runs_a_pack_gives_back_the_runs_it_did_not_start(
+    settings: Any, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import handback, training
+
+    ids = add_runs(engine, [{**TINY_BACKPROP, "seed": seed} for seed in range(4)])
+    train = training._ClaimedRun.train
+
+    def train_then_stop(self: Any) -> Any:
+        result = train(self)
+        monkeypatch.setattr(handback, "_requested", True)  # a SIGTERM during the first run
+        return result
+
+    monkeypatch.setattr(training._ClaimedRun, "train", train_then_stop)
+    assert _execute_pack(ids, settings) == ["succeeded"]
+    rows = run_rows(engine)
+    assert rows[ids[0]].status == RunStatus.succeeded
+    for run_id in ids[1:]:
+        # Queued again as before the claim: no worker, and the attempt given back.
+        row = rows[run_id]
+        assert (row.status, row.worker, row.attempt) == (RunStatus.queued, None, 0)
+        assert metric_steps(engine, run_id) == []
+
+
+def test_claims_waiting_past_a_heartbeat_are_refreshed_and_a_cancel_skips_the_run(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.settings import load_settings
+    from service.store import get_engine, session_scope
+    from worker import training
+
+    # Every wait counts as past a heartbeat here.
+    settings = load_settings(database_url=store_url, home=tmp_path / "home", heartbeat_seconds=1e-6)
+    engine = get_engine(store_url)
+    first, waiting, cancelled = add_runs(
+        engine, [{**TINY_BACKPROP, "seed": seed} for seed in range(3)]
+    )
+    beats: dict[int, Any] = {}
+    train = training._ClaimedRun.train
+
+    def train_and_cancel(self: Any) -> Any:
+        if self.claim.run_id == first:
+            with session_scope(engine) as session:
+                beats.update(dict(session.execute(select(Run.id, Run.heartbeat_at)).all()))
+                session.execute(
+                    Run.__table__.update().where(Run.id == cancelled).values(cancel_requested=True)
+                )
+        return train(self)
+
+    monkeypatch.setattr(training._ClaimedRun, "train", train_and_cancel)
+    assert _execute_pack([first, waiting, cancelled], settings) == [
+        "succeeded",
+        "succeeded",
+        "cancelled",
+    ]
+    rows = run_rows(engine)
+    assert rows[waiting].heartbeat_at > beats[waiting]  # refreshed before it started
+    assert (rows[cancelled].status, rows[cancelled].stop_reason) == (
+        RunStatus.cancelled,
+        "cancelled",
+    )
+    assert metric_steps(engine, cancelled) == []  # never trained
