@@ -66,9 +66,10 @@ def train(self: Task, *args: Any, **kwargs: Any) -> str:
 
     The runs of a pack are claimed together, in one statement, and each is trained
     and finished as its own: a pack delivered again does only what is left (the
-    claims of finished runs are refused), and one run's failure is that run's alone. A malformed payload (not exactly one run id or
-    one list of them, integers from 1 to 2**31 - 1) is dropped with one log line,
-    and acknowledged: no retry could make it valid. Returns what became of each run.
+    claims of finished runs are refused), and one run's failure is that run's alone.
+    A malformed payload (not exactly one run id or one list of them, integers from 1
+    to 2**31 - 1) is dropped with one log line, and acknowledged: no retry could make
+    it valid. Returns what became of each run.
     """
     ids = parse_run_ids(args, kwargs)
     if ids is None:

@@ -6,7 +6,9 @@ to about ``pack_seconds``, a long run alone. A message then carries a list of ru
 ids; the worker claims and finishes each on its own (``worker.tasks.train``), so a
 pack redelivered after a kill does only what is left, and one run's failure never
 fails its neighbours. A grid that is small overall is still spread over at least
-``MIN_MESSAGES`` messages, so every worker process gets a share.
+``MIN_MESSAGES`` messages, so every worker process gets a share, but no pack is
+made shorter than ``MIN_PACK_SECONDS`` for it: each message costs the worker a few
+milliseconds of its own (its delivery, the claim, the window's top-up).
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ from sqlalchemy import Connection, Engine, text
 
 #: A batch of runs is split into at least this many messages when it has the runs.
 MIN_MESSAGES = 32
+#: Estimated seconds below which a pack is not split further to make up MIN_MESSAGES.
+MIN_PACK_SECONDS = 0.03
 #: Run ids whose configs are read per query when the caller gives no costs.
 _CONFIG_CHUNK = 5000
+
+
+def spread_limit(total: float) -> float:
+    """Estimated seconds per pack that spreads ``total`` seconds over the workers."""
+    return max(total / MIN_MESSAGES, MIN_PACK_SECONDS)
 
 
 def pack(
@@ -33,9 +42,9 @@ def pack(
     in order.
     ``spread``: the runs are all there is to run (off when ``costs`` is the head
     of a longer queue), so a small total is split over at least ``MIN_MESSAGES``
-    packs, and the longest runs go first (runs without an estimate count as
-    longest): the workers end together instead of one finishing a long run while
-    the others idle. Otherwise the order is kept.
+    packs (of at least ``MIN_PACK_SECONDS`` each), and the longest runs go first
+    (runs without an estimate count as longest): the workers end together instead
+    of one finishing a long run while the others idle. Otherwise the order is kept.
     """
     if target <= 0:
         return [[run_id] for run_id, _ in costs]
@@ -43,7 +52,7 @@ def pack(
     if spread:
         costs = sorted(costs, key=lambda run: -run[1])  # stable: equal costs keep their order
         finite = [c for _, c in costs if c != float("inf")]
-        limit = min(target, sum(finite) / MIN_MESSAGES if finite else target)
+        limit = min(target, spread_limit(sum(finite)) if finite else target)
     packs: list[list[int]] = []
     current: list[int] = []
     total = 0.0

@@ -36,7 +36,9 @@ def make_grid(data: dict[str, Any], base_dir: Path | None = None, **kw: Any) -> 
 
 
 def app_for(broker_url: str | None, home: Path):
-    return make_app(load_settings(broker_url=broker_url, home=home))
+    # One message per run (MLPQ_PACK_SECONDS=0): what is sent, counted in messages.
+    # Packing is tested in tests/service (test_packing, test_window).
+    return make_app(load_settings(broker_url=broker_url, home=home, pack_seconds=0))
 
 
 @pytest.fixture
@@ -190,7 +192,7 @@ def test_the_embedded_queue_gets_one_message_file_per_run(
     sqlite_store_url: str, tmp_path: Path
 ) -> None:
     engine = make_engine(sqlite_store_url)
-    settings = load_settings(home=tmp_path / "home")
+    settings = load_settings(home=tmp_path / "home", pack_seconds=0)
     try:
         report = submit(grid=make_grid(SMALL), engine=engine, app=make_app(settings))
     finally:

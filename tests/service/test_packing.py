@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from pytest import approx
 
 from engine.cost import SECONDS_PER_RUN, estimate_seconds
-from service.queue.packing import MIN_MESSAGES, pack
+from service.queue.packing import MIN_MESSAGES, MIN_PACK_SECONDS, pack, spread_limit
 
 COSTS = st.lists(st.floats(0.0001, 5.0) | st.just(math.inf), min_size=0, max_size=300).map(
     lambda costs: [(i + 1, c) for i, c in enumerate(costs)]
@@ -25,7 +25,7 @@ def test_every_run_once_longest_first_and_no_pack_over_its_limit(costs, target) 
     assert [i for p in packs for i in p] == [i for i, _ in longest_first]
     cost = dict(costs)
     finite = [c for c in cost.values() if c != math.inf]
-    limit = min(target, sum(finite) / MIN_MESSAGES) if finite else target
+    limit = min(target, spread_limit(sum(finite))) if finite else target
     for p in packs:
         if len(p) > 1:  # a run over the limit travels alone
             assert sum(cost[i] for i in p) <= limit * (1 + 1e-9)
@@ -35,7 +35,10 @@ def test_every_run_once_longest_first_and_no_pack_over_its_limit(costs, target) 
 @given(st.integers(1, 2000), st.floats(0.05, 1.0))
 def test_equal_short_runs_fill_their_packs_and_spread_over_enough_messages(n, target) -> None:
     packs = pack([(i, 0.004) for i in range(n)], target)
-    assert len(packs) >= min(n, MIN_MESSAGES) * 0.5  # a small grid still feeds every process
+    # A small grid still feeds every process, in packs worth their message.
+    enough = min(n, MIN_MESSAGES, n * 0.004 / MIN_PACK_SECONDS)
+    assert len(packs) >= math.floor(enough * 0.5)
+    assert all(len(p) >= int(MIN_PACK_SECONDS / 0.004 + 1e-9) for p in packs[:-1])
     if n * 0.004 > target * MIN_MESSAGES * 2:  # a big grid: packs of about the target
         assert max(map(len, packs)) == int(target / 0.004 + 1e-9)
 

@@ -88,12 +88,24 @@ def test_short_runs_share_a_message_and_a_long_one_travels_alone(
 def test_the_last_runs_of_the_queue_are_spread_over_many_messages(
     engine: Engine, redis_url: str, tmp_path: Path, add_runs: Callable[..., list[int]]
 ) -> None:
-    ids = add_runs(engine, 64, est_seconds=0.001)  # 0.064 s in all: one pack of 0.2 s
+    ids = add_runs(engine, 64, est_seconds=0.03)  # 1.92 s in all: ten packs of 0.2 s
     app = app_for(redis_url, tmp_path, window=100, pack_seconds=0.2)
     client = redis.Redis.from_url(redis_url)
     assert feed(app, engine) == 64
     packs = message_runs(client)
     assert len(packs) == 32 and [i for p in packs for i in p] == ids
+    client.close()
+
+
+def test_the_last_runs_are_not_spread_thinner_than_a_message_is_worth(
+    engine: Engine, redis_url: str, tmp_path: Path, add_runs: Callable[..., list[int]]
+) -> None:
+    ids = add_runs(engine, 64, est_seconds=0.001)  # 0.064 s in all: one pack of 0.2 s
+    app = app_for(redis_url, tmp_path, window=100, pack_seconds=0.2)
+    client = redis.Redis.from_url(redis_url)
+    assert feed(app, engine) == 64
+    # Not 32 packs of 2 ms: a message's own cost would be most of each.
+    assert message_runs(client) == [ids[:29], ids[29:58], ids[58:]]  # 29 x 1 ms: 0.03 s
     client.close()
 
 
