@@ -210,14 +210,13 @@ class _Pack:
                 log.info("run %d: message dropped: %s", claim.run_id, claim.reason)
                 self.outcomes.append(Outcome(claim.run_id, "dropped", claim.reason))
                 continue
-            rest = [c for c in self.claims[i:] if isinstance(c, Claim)]
             if i and handback.requested():  # told to stop between two runs
                 self.flush()
-                self._release(rest)
+                self._release(self._claims_from(i))
                 break
             if time.monotonic() - claimed_at >= settings.heartbeat_seconds:
                 # Runs claimed and not started yet keep their claim fresh, and learn of a cancel.
-                beats = self._refresh(rest)
+                beats = self._refresh(self._claims_from(i))
                 claimed_at = time.monotonic()
             beat = beats.get(claim.run_id, Beat.owned)
             if beat is Beat.lost:
@@ -244,7 +243,7 @@ class _Pack:
                     "are left for the stale-run reaper",
                     claim.run_id,
                     exc,
-                    len(rest) - 1,
+                    len(self._claims_from(i)) - 1,
                 )
                 self.outcomes.extend(Outcome(c.run_id, "lost", str(exc)) for c in self.claims[i:])
                 break
@@ -261,10 +260,14 @@ class _Pack:
             self.outcomes.append(result)
             if result.status == HANDED_BACK:
                 self.flush()
-                self._release(rest[1:])
+                self._release(self._claims_from(i + 1))
                 break
         self.flush()
         return [outcome for outcome in self.outcomes if outcome is not None]
+
+    def _claims_from(self, i: int) -> list[Claim]:
+        """The claims of run ``i`` of the pack and of the runs after it."""
+        return [c for c in self.claims[i:] if isinstance(c, Claim)]
 
     def flush(self) -> None:
         """Write the results waiting: together in one transaction, or else one by one."""
