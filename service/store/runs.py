@@ -229,7 +229,10 @@ def _pg_rows(
     if not (driver.autocommit or conn.in_transaction()):
         # Let SQLAlchemy begin the transaction, so the caller's commit() covers this statement.
         result = conn.exec_driver_sql(statement, params)
-        return [tuple(row) for row in (result.fetchmany(1) if first else result.all())]
+        if not first:
+            return [tuple(row) for row in result.all()]
+        row = result.first()  # and closes the result
+        return [] if row is None else [tuple(row)]
     driver_error = conn.dialect.loaded_dbapi.Error
     try:
         with driver.cursor() as cursor:
