@@ -498,40 +498,31 @@ class _ClaimedRun:
         if status is None:
             status, stop_reason = RunStatus(result.outcome), result.stop_reason
 
-        return _Final(
-            self,
+        return self._final(
             status,
             stop_reason,
-            {
-                "run_id": claim.run_id,
-                "worker": claim.worker,
-                "attempt": claim.attempt,
-                "status": status,
-                "records": self.buffer,
-                "weights": result.weights,
-                "weight_shapes": result.shapes,
-                "summary": result.summary,
-                "stop_reason": stop_reason,
-                "has_artifacts": self.has_artifacts,
-            },
+            records=self.buffer,
+            weights=result.weights,
+            weight_shapes=result.shapes,
+            summary=result.summary,
         )
 
     def unstarted(self, status: RunStatus, stop_reason: str) -> _Final:
         """The result of a claimed run ended before it started (cancelled while it waited)."""
+        return self._final(status, stop_reason)
+
+    def _final(self, status: RunStatus, stop_reason: str | None, **result: Any) -> _Final:
         claim = self.claim
-        return _Final(
-            self,
-            status,
-            stop_reason,
-            {
-                "run_id": claim.run_id,
-                "worker": claim.worker,
-                "attempt": claim.attempt,
-                "status": status,
-                "stop_reason": stop_reason,
-                "has_artifacts": self.has_artifacts,
-            },
-        )
+        kwargs = {
+            "run_id": claim.run_id,
+            "worker": claim.worker,
+            "attempt": claim.attempt,
+            "status": status,
+            "stop_reason": stop_reason,
+            "has_artifacts": self.has_artifacts,
+            **result,
+        }
+        return _Final(self, status, stop_reason, kwargs)
 
     def write_final(self, final: _Final) -> Outcome:
         """Write the run's result on its own (retried while the store's connection is lost)."""

@@ -17,7 +17,8 @@ import enum
 import json
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -233,16 +234,28 @@ def _pg_rows(
             return [tuple(row) for row in result.all()]
         row = result.first()  # and closes the result
         return [] if row is None else [tuple(row)]
+    with _driver_errors(conn, statement, params), driver.cursor() as cursor:
+        cursor.execute(statement, params, prepare=True)
+        if not first:
+            return cursor.fetchall()
+        row = cursor.fetchone()
+        return [] if row is None else [row]
+
+
+@contextmanager
+def _driver_errors(
+    conn: Connection, statement: str, params: dict[str, Any] | None
+) -> Iterator[None]:
+    """Raise the driver's errors inside as ``exec_driver_sql`` would.
+
+    A driver error becomes SQLAlchemy's, and a lost connection is invalidated first
+    (``DBAPIError.connection_invalidated``: the worker reconnects on it).
+    """
     driver_error = conn.dialect.loaded_dbapi.Error
     try:
-        with driver.cursor() as cursor:
-            cursor.execute(statement, params, prepare=True)
-            if not first:
-                return cursor.fetchall()
-            row = cursor.fetchone()
-            return [] if row is None else [row]
+        yield
     except driver_error as exc:
-        lost = conn.dialect.is_disconnect(exc, driver, None)
+        lost = conn.dialect.is_disconnect(exc, conn.connection.driver_connection, None)
         if lost:
             conn.invalidate(exc)
         raise DBAPIError.instance(
@@ -793,34 +806,17 @@ def finish_runs(*, session: Session | Connection, finals: Sequence[dict[str, Any
     driver = conn.connection.driver_connection
     if not driver.autocommit:
         return [_pg_first_row(conn, *statement) is not None for statement in statements]
-    driver_error = conn.dialect.loaded_dbapi.Error
     cursors = []
     try:
         # Autocommit: the statements up to the pipeline's one Sync are one implicit
         # transaction, committed at the Sync (asynchronously: see _pg_finish_statement).
-        with driver.pipeline():
-            for statement, params in statements:
-                cursor = driver.cursor()
-                cursors.append(cursor)
-                cursor.execute(statement, params, prepare=True)
-        return [cursor.fetchone() is not None for cursor in cursors]
-    except driver_error as exc:
-        lost = conn.dialect.is_disconnect(exc, driver, None)
-        if lost:
-            conn.invalidate(exc)
-        raise DBAPIError.instance(
-            statements[0][0],
-            None,
-            exc,
-            driver_error,
-            hide_parameters=conn.engine.hide_parameters,
-            connection_invalidated=lost,
-            dialect=conn.dialect,
-        ) from exc
-    except BaseException as exc:
-        if not isinstance(exc, Exception):
-            conn.invalidate(exc)
-        raise
+        with _driver_errors(conn, statements[0][0], None):
+            with driver.pipeline():
+                for statement, params in statements:
+                    cursor = driver.cursor()
+                    cursors.append(cursor)
+                    cursor.execute(statement, params, prepare=True)
+            return [cursor.fetchone() is not None for cursor in cursors]
     finally:
         for cursor in cursors:
             cursor.close()
