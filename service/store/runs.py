@@ -121,17 +121,18 @@ _CLAIM_VALUES: dict[str, Any] = {
     "started_at": func.coalesce(_runs.c.started_at, bindparam("b_now")),
     "published": True,
 }
+# What makes a run claimable: queued, or running with a stale heartbeat; attempts left.
+_CLAIMABLE = (
+    or_(
+        _runs.c.status == RunStatus.queued,
+        and_(_runs.c.status == RunStatus.running, _runs.c.heartbeat_at < bindparam("b_cutoff")),
+    ),
+    _runs.c.attempt < bindparam("b_max_attempts"),
+    ~_runs.c.cancel_requested,
+)
 _CLAIM = (
     update(_runs)
-    .where(
-        _runs.c.id == bindparam("b_id"),
-        or_(
-            _runs.c.status == RunStatus.queued,
-            and_(_runs.c.status == RunStatus.running, _runs.c.heartbeat_at < bindparam("b_cutoff")),
-        ),
-        _runs.c.attempt < bindparam("b_max_attempts"),
-        ~_runs.c.cancel_requested,
-    )
+    .where(_runs.c.id == bindparam("b_id"), *_CLAIMABLE)
     .values(_CLAIM_VALUES)
     .returning(_runs.c.attempt, _runs.c.config, _runs.c.resumed_from_step)
 )
@@ -148,15 +149,7 @@ _PG_CLAIM = (
 # The claim of every run of a pack at once: _CLAIM for a list of ids.
 _CLAIM_MANY = (
     update(_runs)
-    .where(
-        _runs.c.id.in_(bindparam("b_ids", expanding=True)),
-        or_(
-            _runs.c.status == RunStatus.queued,
-            and_(_runs.c.status == RunStatus.running, _runs.c.heartbeat_at < bindparam("b_cutoff")),
-        ),
-        _runs.c.attempt < bindparam("b_max_attempts"),
-        ~_runs.c.cancel_requested,
-    )
+    .where(_runs.c.id.in_(bindparam("b_ids", expanding=True)), *_CLAIMABLE)
     .values(_CLAIM_VALUES)
     .returning(_runs.c.id, _runs.c.attempt, _runs.c.config, _runs.c.resumed_from_step)
 )
