@@ -369,3 +369,36 @@ def test_workers_started_early_for_a_mistyped_run_are_gone_with_their_folder(
         assert not (tmp_path / ".mlpq").exists()
         time.sleep(0.5)  # a worker outliving the command would still be here
         assert _processes_with(f"local-{proc.pid}@".encode()) == []
+
+
+def test_the_wait_on_sqlite_counts_only_after_a_commit_and_sees_each_one(tmp_path: Path) -> None:
+    from cli.runs import _change_watch
+    from service.results import read_engine
+    from service.store import make_engine, upgrade
+
+    path = tmp_path / "store.db"
+    writer = make_engine(f"sqlite:///{path}")
+    upgrade(writer)
+    reader = read_engine(f"sqlite:///{path}")
+    with _change_watch(reader) as changed:
+        assert changed is not None
+        assert changed() is False  # nothing committed since the watch began
+        with writer.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO experiments (name, spec, created_at) VALUES ('e', '{}', '2026-01-01')"
+            )
+        assert changed() is True
+        assert changed() is False  # the same commit is seen once
+        with writer.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM experiments")
+        assert changed() is True
+    writer.dispose()
+
+
+@pytest.mark.postgres
+def test_the_wait_on_postgresql_counts_at_every_poll(pg_store_url: str) -> None:
+    from cli.runs import _change_watch
+    from service.results import read_engine
+
+    with _change_watch(read_engine(pg_store_url)) as changed:
+        assert changed is None
