@@ -676,11 +676,14 @@ def submit(
     publishing does not raise: the runs stay in the store, unsent, and the report
     says why (``publish_error``).
     """
+    from service.grids.loader import no_gc
     from service.queue.window import feed
 
     check_broker(app)
     with submit_lock(engine):
-        with engine.begin() as conn:
+        # A million configs, their hashes and the rows made of them hold no cycles: with
+        # the collector on, each of its full passes walked them all, for nothing.
+        with engine.begin() as conn, no_gc():
             report, fresh = _store(conn, grid, force, progress)
         report.run_ids = fresh
         if len(fresh) >= ANALYZE_AFTER and engine.dialect.name == "postgresql":
@@ -764,9 +767,6 @@ def _store(
         new = grid.runs
     report.new = len(new) - report.forced
     report.requeued = len(requeue)
-    from service.grids.loader import no_gc
-
-    with no_gc():  # a million rows, no cycles: nothing for the collector to find
-        new_ids = _insert_runs(conn, experiment_id, new, now, progress)
+    new_ids = _insert_runs(conn, experiment_id, new, now, progress)
     _requeue(conn, requeue)
     return report, new_ids + requeue
