@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 console = Console()
 err_console = Console(stderr=True)
 
-# Seconds between two looks at the store while `mlpq run` waits.
 #: Polling of the store while a grid trains: every POLL_MIN_SECONDS at first (a short
 #: grid's end is seen at once), slowing to POLL_MAX_SECONDS over the first seconds. On
 #: SQLite every POLL_MIN_SECONDS throughout, counting only after a commit (_change_watch).
@@ -445,8 +444,10 @@ def _change_watch(engine: Engine) -> Iterator[Callable[[], bool] | None]:
         def changed() -> bool:
             nonlocal last
             version = cursor.execute("PRAGMA data_version").fetchone()[0]
-            version, last = last, version
-            return version != last
+            if version == last:
+                return False
+            last = version
+            return True
 
         yield changed
     finally:
