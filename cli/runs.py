@@ -26,7 +26,8 @@ err_console = Console(stderr=True)
 
 #: Polling of the store while a grid trains: every POLL_MIN_SECONDS at first (a short
 #: grid's end is seen at once), slowing to POLL_MAX_SECONDS over the first seconds. On
-#: SQLite every POLL_MIN_SECONDS throughout, counting only after a commit (_change_watch).
+#: SQLite it looks for a commit every POLL_MIN_SECONDS and counts only after one; in a
+#: grid's tail at once (``_await_change``).
 POLL_MIN_SECONDS, POLL_MAX_SECONDS = 0.02, 0.25
 #: Seconds between two top-ups of the broker's window by `mlpq run` (the workers top it
 #: up as they finish messages; this keeps a grid going if they cannot).
@@ -410,13 +411,13 @@ def _follow(
             if feeder is not None and elapsed >= fed_at + FEED_SECONDS:
                 feeder()
                 fed_at = elapsed
+            interval = min(POLL_MAX_SECONDS, POLL_MIN_SECONDS + elapsed / 20)
             if changed is None:
-                time.sleep(min(POLL_MAX_SECONDS, POLL_MIN_SECONDS + elapsed / 20))
+                time.sleep(interval)
+                check_interrupt()  # a signal whose KeyboardInterrupt a callback swallowed
             else:
-                time.sleep(POLL_MIN_SECONDS)
-            check_interrupt()  # a signal whose KeyboardInterrupt a callback swallowed
-            if changed is None or changed():
-                current = counts()
+                _await_change(changed, interval, tail=not current[RunStatus.queued])
+            current = counts()
     if not progress.disable:
         return
     # No terminal: one summary line instead of the bar.
@@ -424,14 +425,37 @@ def _follow(
     print(f"{total} run(s) finished in {elapsed:.1f}s", file=sys.stderr)
 
 
+def _await_change(changed: Callable[[], bool], interval: float, *, tail: bool) -> None:
+    """Wait until the runs are worth counting again (SQLite, see ``_change_watch``).
+
+    In a grid's tail (nothing queued) at the first commit seen: it may be the last
+    result. Before, at the first commit after ``interval``, the pace counts kept
+    without the watch: counting a big experiment's runs takes tens of milliseconds,
+    and its workers commit all the time. With no commit at all, after
+    ``interval + POLL_MAX_SECONDS`` (the caller checks on its workers).
+    """
+    from cli.interrupts import check_interrupt
+
+    due = time.monotonic() + interval
+    seen = False
+    while True:
+        time.sleep(POLL_MIN_SECONDS)
+        check_interrupt()  # a signal whose KeyboardInterrupt a callback swallowed
+        seen = changed() or seen
+        now = time.monotonic()
+        if (seen and (tail or now >= due)) or now >= due + POLL_MAX_SECONDS:
+            return
+
+
 @contextmanager
 def _change_watch(engine: Engine) -> Iterator[Callable[[], bool] | None]:
     """On SQLite, a test of whether anyone committed since it was last called; else None.
 
     ``PRAGMA data_version`` on one connection held open changes when another
-    connection commits: a look costs microseconds, where counting the runs costs
-    a millisecond or two. So `mlpq run` looks every POLL_MIN_SECONDS and counts only
-    after a change, and sees a grid's last result at once, not at its next count.
+    connection commits: a look costs microseconds, where counting the runs costs a
+    millisecond or two (tens for a big experiment). So `mlpq run` looks every
+    POLL_MIN_SECONDS, counts only after a change, and sees a grid's last result at
+    once, not at its next count.
     """
     if engine.dialect.name != "sqlite":
         yield None

@@ -402,3 +402,45 @@ def test_the_wait_on_postgresql_counts_at_every_poll(pg_store_url: str) -> None:
 
     with _change_watch(read_engine(pg_store_url)) as changed:
         assert changed is None
+
+
+class _Clock:
+    """A stand-in for ``time`` in cli.runs: sleeping moves the clock, nothing waits."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.mark.parametrize(
+    ("tail", "commits", "after"),
+    [
+        (True, [2], 2),  # the tail: the first commit seen may be the last result
+        (False, [2], 11),  # runs still queued: not before the interval, 11 looks of 20 ms
+        (False, [14], 14),  # a commit after the interval: at once
+        (False, [], 23),  # no commit: the interval and POLL_MAX_SECONDS more, a look anyway
+    ],
+)
+def test_the_wait_on_sqlite_counts_at_the_old_pace_but_at_once_in_the_tail(
+    monkeypatch: pytest.MonkeyPatch, tail: bool, commits: list[int], after: int
+) -> None:
+    import cli.runs as runs
+
+    clock = _Clock()
+    monkeypatch.setattr(runs, "time", clock)
+    looks = 0
+
+    def changed() -> bool:
+        nonlocal looks
+        looks += 1
+        return looks in commits  # True once: the commit is not seen again
+
+    start = clock.now
+    runs._await_change(changed, 0.205, tail=tail)
+    assert looks == after
+    assert clock.now - start == pytest.approx(after * runs.POLL_MIN_SECONDS)
