@@ -170,13 +170,19 @@ def submit(
             max_runs=settings.max_grid_runs,
             yes=yes,
             progress=bar,
+            lazy=not dry_run,
         )
-        _warn_no_gradient(grid)
+        # A big grid is expanded while it is stored (Grid.stream): looked at after.
+        expanded = grid.expanded
+        if expanded:
+            _warn_no_gradient(grid)
         if dry_run:
             bar.stop()
             _show_dry_run(grid, limit=limit)
             return None
         report = _submit(grid, force=force, progress=bar)
+    if not expanded:
+        _warn_no_gradient(grid)
     _show_report(report)
     if report.publish_error:
         raise typer.Exit(code=1)
@@ -193,8 +199,12 @@ def _read_grid(
     max_runs: int,
     yes: bool,
     progress: Any,
+    lazy: bool = False,
 ) -> Grid:
-    """The grid of a file or of inline options (never both), validated whole."""
+    """The grid of a file or of inline options (never both), validated whole.
+
+    ``lazy``: a big grid's runs are expanded as they are stored (``expand_grid``).
+    """
     from service.exceptions import GridError
     from service.grids import flag, inline_grid, load_grid
 
@@ -202,7 +212,9 @@ def _read_grid(
     if grid_file is not None:
         if given:
             raise GridError(f"{flag(given[0])}: give a grid file or inline options, not both")
-        return load_grid(grid_file, name=name, max_runs=max_runs, yes=yes, progress=progress)
+        return load_grid(
+            grid_file, name=name, max_runs=max_runs, yes=yes, progress=progress, lazy=lazy
+        )
     if not given:
         raise GridError("submit: give a grid file (mlpq submit grid.yaml) or --dataset ...")
     return inline_grid(
@@ -216,6 +228,7 @@ def _read_grid(
         max_runs=max_runs,
         yes=yes,
         progress=progress,
+        lazy=lazy,
     )
 
 

@@ -163,8 +163,12 @@ def inline_grid(
     max_runs: int | None = None,
     yes: bool = False,
     progress: Progress | None = None,
+    lazy: bool = False,
 ) -> Grid:
-    """Validate and expand an inline grid; its default name is stable for the same options."""
+    """Validate and expand an inline grid; its default name is stable for the same options.
+
+    ``lazy``: see ``expand_grid``.
+    """
     data, aliases = inline_data(
         options, optimizers=optimizers, seeds=seeds, seed=seed, target=target, task=task, name=name
     )
@@ -176,4 +180,4 @@ def inline_grid(
         default_name=f"inline-{digest}",
         aliases=aliases,
     )
-    return expand_grid(parsed, max_runs=max_runs, yes=yes, progress=progress)
+    return expand_grid(parsed, max_runs=max_runs, yes=yes, progress=progress, lazy=lazy)

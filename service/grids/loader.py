@@ -17,9 +17,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +71,103 @@ class RunSpec:
     block: int  # index of the optimizer block it came from
 
 
-@dataclass
 class Grid:
-    """An expanded, validated grid, ready to submit."""
+    """A validated grid, ready to submit: its runs expanded, or expanded as they are read.
 
-    name: str
-    source: str
-    spec: dict[str, Any]  # the grid as submitted (JSON-able), kept with the experiment
-    runs: list[RunSpec]
-    datasets: list[CsvFile] = field(default_factory=list)
-    excluded: int = 0  # combinations dropped by exclude rules
-    duplicates: int = 0  # combinations equal to an earlier one (overlapping blocks)
+    ``expand_grid(..., lazy=True)`` checks every value and the grid's size up front and
+    leaves the product for later: ``runs`` expands what is left at once, ``stream``
+    expands it a chunk at a time (``service.queue.enqueue`` stores each chunk while the
+    next is made). The checks only a whole expansion can make (every run excluded, more
+    runs than ``max_runs`` after the exclusions) raise ``GridError`` at its end.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        source: str,
+        spec: dict[str, Any],
+        runs: list[RunSpec],
+        datasets: list[CsvFile] | None = None,
+        excluded: int = 0,
+        duplicates: int = 0,
+        pending: Iterator[tuple[RunSpec, str | None]] | None = None,
+        upper: int | None = None,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.spec = spec  # the grid as submitted (JSON-able), kept with the experiment
+        self.datasets = datasets if datasets is not None else []
+        self._runs = runs
+        self._excluded = excluded  # combinations dropped by exclude rules
+        self._duplicates = duplicates  # combinations equal to an earlier one
+        self._pending = pending  # the rest of the expansion, if any
+        self._error: BaseException | None = None  # what ended the expansion, if it failed
+        #: At most this many runs (the product before exclusions and duplicates).
+        self.upper = len(runs) if upper is None else upper
+
+    @property
+    def expanded(self) -> bool:
+        return self._pending is None
+
+    @property
+    def runs(self) -> list[RunSpec]:
+        """Every run, in grid order (what is not expanded yet is expanded now)."""
+        if self._error is not None:
+            raise self._error
+        if self._pending is not None:
+            with no_gc():
+                for _ in self._more(None):
+                    pass
+        return self._runs
+
+    @property
+    def excluded(self) -> int:
+        self.runs  # noqa: B018 - known once the grid is expanded
+        return self._excluded
+
+    @property
+    def duplicates(self) -> int:
+        self.runs  # noqa: B018 - known once the grid is expanded
+        return self._duplicates
 
     def __len__(self) -> int:
         return len(self.runs)
+
+    def stream(self, chunk: int) -> Iterator[tuple[list[RunSpec], list[str | None] | None]]:
+        """Every run in grid order, ``chunk`` at a time, expanding the rest as it goes.
+
+        Each chunk comes with the canonical JSON of each run's config where the
+        expansion made it (None: not made, or the chunk was expanded before). The runs
+        are kept: ``runs`` afterwards is the whole list, expanded once.
+        """
+        if self._error is not None:
+            raise self._error
+        for start in range(0, len(self._runs), chunk):
+            yield self._runs[start : start + chunk], None
+        while self._pending is not None:
+            more = list(self._more(chunk))
+            if more:
+                runs, texts = zip(*more, strict=True)
+                yield list(runs), list(texts)
+
+    def _more(self, limit: int | None) -> Iterator[tuple[RunSpec, str | None]]:
+        pending = self._pending
+        assert pending is not None
+        taken = 0
+        while limit is None or taken < limit:
+            try:
+                item = next(pending)
+            except StopIteration as stop:
+                self._pending = None
+                self._excluded, self._duplicates = stop.value
+                return
+            except BaseException as exc:
+                self._pending, self._error = None, exc
+                raise
+            self._runs.append(item[0])
+            taken += 1
+            yield item
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -143,6 +226,7 @@ def load_grid(
     max_runs: int | None = None,
     yes: bool = False,
     progress: Progress | None = None,
+    lazy: bool = False,
 ) -> Grid:
     """Read, validate and expand the grid file at ``path`` (see ``expand_grid``)."""
     path = Path(path)
@@ -152,7 +236,7 @@ def load_grid(
         base_dir=path.resolve().parent,
         default_name=path.stem,
     )
-    return expand_grid(parsed, name=name, max_runs=max_runs, yes=yes, progress=progress)
+    return expand_grid(parsed, name=name, max_runs=max_runs, yes=yes, progress=progress, lazy=lazy)
 
 
 def expand_grid(
@@ -162,13 +246,15 @@ def expand_grid(
     max_runs: int | None = None,
     yes: bool = False,
     progress: Progress | None = None,
+    lazy: bool = False,
 ) -> Grid:
     """Check every value of ``parsed`` and expand it into canonical runs, in a fixed order.
 
     Order: optimizer blocks as written; inside a block the product of datasets,
     samples, model, training and optimizer axes, budget and seeds (seeds vary
     fastest). Runs equal to an earlier one are dropped (``Grid.duplicates``).
-    More than ``max_runs`` runs needs ``yes``.
+    More than ``max_runs`` runs needs ``yes``. With ``lazy``, a grid of at least
+    ``LAZY_MIN_RUNS`` is expanded as it is read (``Grid.stream``).
     """
     resolver = Resolver(parsed)
     blocks = resolver.blocks()
@@ -184,47 +270,67 @@ def expand_grid(
     has_rules = any(rules for _, _, rules in plan)
     if max_runs is not None and upper > max_runs and not yes and not has_rules:
         raise _too_big(resolver, upper, max_runs)
+    grid = Grid(
+        name=name or parsed.spec.name or parsed.default_name,
+        source=parsed.source,
+        spec=_record(parsed),
+        runs=[],
+        datasets=list(resolver.datasets.csv_files.values()),
+        pending=_expansion(resolver, plan, upper, max_runs, yes, progress),
+        upper=upper,
+    )
+    if not lazy or upper < LAZY_MIN_RUNS:
+        grid.runs  # noqa: B018 - expanded now
+    return grid
 
+
+#: Grids from this size on are expanded as they are stored when asked to (``lazy``).
+LAZY_MIN_RUNS = 50_000
+
+
+def _expansion(
+    resolver: Resolver,
+    plan: list[tuple[Any, Any, Any]],
+    upper: int,
+    max_runs: int | None,
+    yes: bool,
+    progress: Progress | None,
+) -> Generator[tuple[RunSpec, str | None], None, tuple[int, int]]:
+    """The runs of ``plan``, each with its config's canonical JSON (None with a time limit,
+    which the JSON hashed leaves out); returns (excluded, duplicates); GridError if none
+    is left."""
     if progress is not None:
         progress("expand", 0, upper)
-    runs: list[RunSpec] = []
     seen: set[str] = set()
     excluded = duplicates = done = 0
     every = max(1, upper // 100)
     sha256 = hashlib.sha256  # config_hash of the JSON text block_configs made
-    with no_gc():
-        for block, dims, rules in plan:
-            for config, text in block_configs(resolver, block, dims):
-                done += 1
-                if progress is not None and done % every == 0:
-                    progress("expand", done, upper)
-                if rules and _excluded(config, rules):
-                    excluded += 1
-                    continue
-                digest = sha256(text.encode()).hexdigest()
-                if digest in seen:
-                    duplicates += 1
-                    continue
-                seen.add(digest)
-                if block.time_limit is not None:
-                    config[TIME_LIMIT_KEY] = block.time_limit
-                runs.append(RunSpec(config, digest, block.index))
+    for block, dims, rules in plan:
+        for config, text in block_configs(resolver, block, dims):
+            done += 1
+            if progress is not None and done % every == 0:
+                progress("expand", done, upper)
+            if rules and _excluded(config, rules):
+                excluded += 1
+                continue
+            digest = sha256(text.encode()).hexdigest()
+            if digest in seen:
+                duplicates += 1
+                continue
+            seen.add(digest)
+            if block.time_limit is not None:
+                config[TIME_LIMIT_KEY] = block.time_limit
+                yield RunSpec(config, digest, block.index), None
+            else:
+                yield RunSpec(config, digest, block.index), text
     if progress is not None:
         progress("expand", upper, upper)
-    if not runs:
+    if not seen:
         what = "every run is excluded" if excluded else "the grid has no runs"
         raise resolver.error((), f"{what}; nothing to submit")
-    if max_runs is not None and len(runs) > max_runs and not yes:
-        raise _too_big(resolver, len(runs), max_runs)
-    return Grid(
-        name=name or parsed.spec.name or parsed.default_name,
-        source=parsed.source,
-        spec=_record(parsed),
-        runs=runs,
-        datasets=list(resolver.datasets.csv_files.values()),
-        excluded=excluded,
-        duplicates=duplicates,
-    )
+    if max_runs is not None and len(seen) > max_runs and not yes:
+        raise _too_big(resolver, len(seen), max_runs)
+    return excluded, duplicates
 
 
 def _too_big(resolver: Resolver, count: int, max_runs: int) -> GridError:

@@ -429,9 +429,11 @@ class _Rows:
             self._created_at,
         )
 
-    def copy_text(self, run_id: int, run: Any) -> str:
+    def copy_text(self, run_id: int, run: Any, text: str | None = None) -> str:
+        """The row of ``run``; ``text``, if given, is its config's canonical JSON."""
         config = run.config
-        text = fast_canonical_json(config)
+        if text is None:
+            text = fast_canonical_json(config)
         key, shared = self._shared_values(config, text)
         shared_text = self._shared_text.get(key)
         if shared_text is None:
@@ -619,19 +621,23 @@ _NEW_IDS = text(
 _NEW_IDS_LIST = text(f"SELECT nextval({_RUNS_SEQUENCE}) FROM generate_series(1, :n)")
 
 
+def _new_ids(conn: Connection, n: int) -> Sequence[int]:
+    """``n`` new run ids from the table's sequence (not rolled back with a transaction)."""
+    low, high = conn.execute(_NEW_IDS, {"n": n}).one()
+    if high - low + 1 == n:
+        return range(low, high + 1)
+    # Another session drew from the sequence meanwhile: draw a list (the range
+    # drawn above stays unused, a gap in the ids as a rolled back insert leaves).
+    return list(conn.execute(_NEW_IDS_LIST, {"n": n}).scalars())
+
+
 def _copy_runs(
     conn: Connection, experiment_id: int, runs: Sequence[Any], now: Any, progress: Progress | None
 ) -> list[int]:
     # COPY is about 10x faster than a multi-row INSERT ... RETURNING; the ids come
     # from the table's own sequence first, so they are known without RETURNING.
     # Usually one range (nobody else drew from the sequence meanwhile): read its ends.
-    low, high = conn.execute(_NEW_IDS, {"n": len(runs)}).one()
-    if high - low + 1 == len(runs):
-        ids: Sequence[int] = range(low, high + 1)
-    else:
-        # Another session drew from the sequence meanwhile: draw a list (the range
-        # drawn above stays unused, a gap in the ids as a rolled back insert leaves).
-        ids = list(conn.execute(_NEW_IDS_LIST, {"n": len(runs)}).scalars())
+    ids = _new_ids(conn, len(runs))
     rows = _Rows(experiment_id, now)
     line = rows.copy_text
     statement = f"COPY runs ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
@@ -740,12 +746,30 @@ def _store(
         for csv in grid.datasets:
             store_dataset(conn, csv.name, csv.data)
     experiment_id, created = _experiment(conn, grid)
+    if not grid.expanded and conn.dialect.name == "postgresql":
+        return _store_streaming(conn, grid, experiment_id, created, force, progress)
     report = SubmitReport(experiment_id, grid.name, created, total=len(grid.runs))
     existing = _existing(conn, [r.config_hash for r in grid.runs])
-    now = utcnow()
+    new, requeue = _sort_out(grid.runs, existing, experiment_id, force, report)
+    new_ids = _insert_runs(conn, experiment_id, new, utcnow(), progress)
+    _requeue(conn, requeue)
+    return report, new_ids + requeue
+
+
+def _sort_out(
+    runs: list[Any],
+    existing: dict[str, list[tuple[int, int, RunStatus, bool]]],
+    experiment_id: int,
+    force: bool,
+    report: SubmitReport,
+) -> tuple[list[Any], list[int]]:
+    """The runs to insert and the ids of this experiment's runs to queue again; counts them."""
+    if not existing:  # nothing of these runs in the store yet: every run is new
+        report.new += len(runs)
+        return runs, []
     new: list[Any] = []
     requeue: list[int] = []
-    for run in grid.runs if existing else ():
+    for run in runs:
         matches = existing.get(run.config_hash, ())
         in_flight = [m for m in matches if m[2] in _IN_FLIGHT]
         if in_flight:
@@ -762,11 +786,61 @@ def _store(
         if mine:
             requeue.append(mine[0][0])
             continue
+        report.new += 1
         new.append(run)
-    if not existing:  # nothing of the grid in the store yet: every run is new
-        new = grid.runs
-    report.new = len(new) - report.forced
-    report.requeued = len(requeue)
-    new_ids = _insert_runs(conn, experiment_id, new, now, progress)
+    report.requeued += len(requeue)
+    return new, requeue
+
+
+def _store_streaming(
+    conn: Connection,
+    grid: Grid,
+    experiment_id: int,
+    created: bool,
+    force: bool,
+    progress: Progress | None,
+) -> tuple[SubmitReport, list[int]]:
+    """``_store`` on PostgreSQL for a grid not expanded yet: expanded while it is stored.
+
+    One COPY takes every new run. The grid is expanded a chunk at a time, and each
+    chunk's lookups and ids come from a second connection while PostgreSQL reads the
+    chunks before it: the expansion and the lookups run beside the COPY instead of
+    before it. That connection reads what is committed, as the lookups did before
+    anything was inserted; the runs of this grid are told apart by the expansion
+    itself, which drops duplicates.
+    """
+    from psycopg.copy import QueuedLibpqWriter
+
+    report = SubmitReport(experiment_id, grid.name, created, total=0)
+    now = utcnow()
+    rows = _Rows(experiment_id, now)
+    line = rows.copy_text
+    fresh: list[int] = []
+    requeue: list[int] = []
+    statement = f"COPY runs ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
+    if progress is not None:
+        progress("insert", 0, grid.upper)
+    side = conn.engine.connect()
+    try:
+        with (
+            conn.connection.driver_connection.cursor() as cur,
+            cur.copy(statement, writer=QueuedLibpqWriter(cur)) as copy,
+        ):
+            for chunk, texts in grid.stream(LOOKUP_CHUNK):
+                report.total += len(chunk)
+                existing = _existing(side, [r.config_hash for r in chunk])
+                new, again = _sort_out(chunk, existing, experiment_id, force, report)
+                requeue.extend(again)
+                if existing or texts is None:  # the texts line up with the chunk only
+                    texts = [None] * len(new)
+                ids = _new_ids(side, len(new)) if new else []
+                for start in range(0, len(new), INSERT_CHUNK):
+                    end = start + INSERT_CHUNK
+                    copy.write("".join(map(line, ids[start:end], new[start:end], texts[start:end])))
+                fresh.extend(ids)
+                if progress is not None:
+                    progress("insert", report.total, max(grid.upper, report.total))
+    finally:
+        side.close()
     _requeue(conn, requeue)
-    return report, new_ids + requeue
+    return report, fresh + requeue

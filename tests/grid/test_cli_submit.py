@@ -143,6 +143,49 @@ def test_a_grid_above_max_grid_runs_needs_yes(
     assert counts(sqlite_store_url) == (1, 12)
 
 
+# 200 seeds x 16 networks x 16 learning rates = 51,200 runs: at least LAZY_MIN_RUNS, so on
+# PostgreSQL the grid is expanded while it is stored. Backprop through step units: a warning.
+BIG = f"""\
+name: big
+datasets: [moons]
+model: {{hidden: {[[n] for n in range(1, 17)]}, activation: step}}
+seeds: 200
+budget: {{epochs: 1}}
+optimizers:
+  - optimizer: backprop
+    learning_rate: {[round(0.01 * k, 2) for k in range(1, 17)]}
+"""
+
+
+@pytest.mark.postgres
+def test_a_big_grid_is_stored_as_it_is_expanded_and_one_that_ends_empty_writes_nothing(
+    pg_store_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    from service.grids.loader import LAZY_MIN_RUNS
+
+    assert LAZY_MIN_RUNS <= 200 * 16 * 16
+    (tmp_path / "grid.yaml").write_text(BIG)
+    env = environment(tmp_path, pg_store_url, redis_url)
+    result = mlpq("submit", "grid.yaml", "--yes", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "big (created, id 1): 51200 run(s) in the grid: 51200 new" in result.stdout
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "backprop with sign/step" in warning[0]
+    assert "(grid runs 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ... (51200 in all))" in result.stderr
+    assert counts(pg_store_url) == (1, 51_200)
+    # Every run excluded: found out at the end of the product, inside the transaction.
+    (tmp_path / "empty.yaml").write_text(
+        BIG.replace("name: big", "name: empty") + "exclude: [{dataset: moons}]\n"
+    )
+    refused = mlpq("submit", "empty.yaml", "--yes", cwd=tmp_path, env=env)
+    assert refused.returncode == 2
+    # One line says what is wrong (after the progress bars a grid this big gets).
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("mlpq:")]
+    assert errors == ["mlpq: empty.yaml: every run is excluded; nothing to submit"]
+    assert refused.stderr.endswith(errors[0] + "\n")
+    assert counts(pg_store_url) == (1, 51_200)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -416,3 +416,77 @@ def test_reading_and_checking_a_grid_does_not_import_numpy() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# -- grids expanded as they are read (lazy) ---------------------------------------------------
+
+LAZY_GRID = """\
+datasets: [moons, xor]
+model: {hidden: [[16], [8, 8]], activation: [relu, tanh]}
+exclude:
+  - {activation: tanh, hidden: [8, 8]}
+seeds: 3
+optimizers:
+  - {optimizer: backprop, learning_rate: [0.1, 0.01], time_limit: 60}
+  - {optimizer: random_walk, step_size: 0.1}
+  - {optimizer: backprop, learning_rate: 0.1}
+"""
+
+
+def test_a_lazy_grid_streamed_in_chunks_is_the_grid_expanded_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.grids.loader.LAZY_MIN_RUNS", 1)
+    whole = grid_of(tmp_path, LAZY_GRID)
+    lazy = grid_of(tmp_path, LAZY_GRID, lazy=True)
+    assert whole.expanded and not lazy.expanded and lazy.upper == 2 * 4 * 3 * 4
+    chunks = list(lazy.stream(7))
+    assert lazy.expanded and [len(runs) for runs, _ in chunks[:-1]] == [7] * (len(chunks) - 1)
+    streamed = [run for runs, _ in chunks for run in runs]
+    assert streamed == whole.runs == lazy.runs  # same configs, hashes and blocks, in order
+    # tanh with [8, 8]: 2 x 3 seeds x 4 blocks' rates; the last block repeats lr 0.1 (a time
+    # limit is no other run): 2 x 3 networks x 3 seeds.
+    assert (lazy.excluded, lazy.duplicates) == (whole.excluded, whole.duplicates) == (24, 18)
+    # Each run's JSON as the expansion made it is its config's canonical JSON; a run
+    # with a time limit has none (its hash leaves the limit out, its config does not).
+    for runs, texts in chunks:
+        for run, text in zip(runs, texts, strict=True):
+            if TIME_LIMIT_KEY in run.config:
+                assert text is None
+            else:
+                assert text == json.dumps(run.config, sort_keys=True, separators=(",", ":"))
+    assert {TIME_LIMIT_KEY in r.config for r in streamed} == {True, False}
+    # Streamed again, a grid already expanded gives the same runs (and no texts).
+    again = list(lazy.stream(10))
+    assert [run for runs, _ in again for run in runs] == whole.runs
+    assert all(texts is None for _, texts in again)
+
+
+def test_a_lazy_grid_read_partly_then_whole_keeps_every_run_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.grids.loader.LAZY_MIN_RUNS", 1)
+    lazy = grid_of(tmp_path, LAZY_GRID, lazy=True)
+    stream = lazy.stream(5)
+    first, _ = next(stream)
+    assert len(first) == 5 and not lazy.expanded
+    assert lazy.runs == grid_of(tmp_path, LAZY_GRID).runs  # the rest expanded at once
+    assert len(lazy) == len(lazy.runs) and lazy.expanded
+
+
+def test_a_lazy_grid_fails_at_the_end_of_its_expansion_and_stays_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (
+        "datasets: [moons]\nexclude: [{dataset: moons}]\n"
+        "optimizers: [{optimizer: backprop, learning_rate: 0.1}]\n"
+    )
+    with pytest.raises(GridError, match="every run is excluded; nothing to submit"):
+        grid_of(tmp_path, text, lazy=True)  # small: expanded whole at once all the same
+    monkeypatch.setattr("service.grids.loader.LAZY_MIN_RUNS", 1)
+    lazy = grid_of(tmp_path, text, lazy=True)  # the values are checked, the product is not
+    with pytest.raises(GridError, match="every run is excluded; nothing to submit"):
+        list(lazy.stream(3))
+    for read in (lambda: lazy.runs, lambda: len(lazy), lambda: list(lazy.stream(3))):
+        with pytest.raises(GridError, match="every run is excluded"):
+            read()

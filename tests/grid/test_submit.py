@@ -12,7 +12,7 @@ import pytest
 import redis
 from sqlalchemy import Engine, func, select, update
 
-from service.exceptions import BrokerError
+from service.exceptions import BrokerError, GridError
 from service.grids import Grid, expand_grid, parse_grid
 from service.queue import QUEUE, TRAIN_TASK, feed, make_app, pending_ids, submit
 from service.settings import load_settings
@@ -41,6 +41,21 @@ def app_for(broker_url: str | None, home: Path):
     return make_app(load_settings(broker_url=broker_url, home=home, pack_seconds=0))
 
 
+@pytest.fixture(params=["expanded first", "expanded while stored"])
+def lazy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both ways a grid reaches submit(): whole, or expanded as it is stored (``lazy``).
+
+    Lazy, any grid is expanded as stored, 5 runs a chunk and 3 rows a COPY write, so
+    a small grid goes through many chunks (on SQLite it is expanded whole at once).
+    """
+    if request.param == "expanded first":
+        return False
+    monkeypatch.setattr("service.grids.loader.LAZY_MIN_RUNS", 1)
+    monkeypatch.setattr("service.queue.enqueue.LOOKUP_CHUNK", 5)
+    monkeypatch.setattr("service.queue.enqueue.INSERT_CHUNK", 3)
+    return True
+
+
 @pytest.fixture
 def engine(store_url: str) -> Iterator[Engine]:
     engine = make_engine(store_url)
@@ -65,9 +80,9 @@ def task_args(message: dict[str, Any]) -> list[Any]:
 
 
 def test_submit_stores_every_run_and_sends_one_celery_task_message_each(
-    engine: Engine, redis_url: str, tmp_path: Path
+    engine: Engine, redis_url: str, tmp_path: Path, lazy: bool
 ) -> None:
-    grid = make_grid(SMALL)
+    grid = make_grid(SMALL, lazy=lazy)
     report = submit(grid=grid, engine=engine, app=app_for(redis_url, tmp_path))
 
     assert (report.total, report.new, report.published, report.unsent) == (24, 24, 24, 0)
@@ -103,13 +118,17 @@ def test_submit_stores_every_run_and_sends_one_celery_task_message_each(
 
 
 def test_resubmitting_skips_done_keeps_in_flight_and_requeues_failed_runs(
-    engine: Engine, redis_url: str, tmp_path: Path
+    engine: Engine, redis_url: str, tmp_path: Path, lazy: bool
 ) -> None:
     app = app_for(redis_url, tmp_path)
     client = redis.Redis.from_url(redis_url)
     data = {**SMALL, "optimizers": [{"optimizer": "backprop", "learning_rate": 0.1}]}
-    grid = make_grid({**data, "seeds": [0, 1, 2]})  # 12 runs
-    ids = submit(grid=grid, engine=engine, app=app).run_ids
+    data = {**data, "seeds": [0, 1, 2]}  # 12 runs
+
+    def grid() -> Grid:  # each submit its own: a lazy grid is expanded by its first submit
+        return make_grid(data, lazy=lazy)
+
+    ids = submit(grid=grid(), engine=engine, app=app).run_ids
     client.flushdb()
     states = {
         ids[0]: {"status": RunStatus.succeeded},
@@ -124,7 +143,7 @@ def test_resubmitting_skips_done_keeps_in_flight_and_requeues_failed_runs(
             conn.execute(update(Run.__table__).where(Run.id == run_id).values(**values))
     write_metrics(engine, ids[2], [{"step": 1, "train_loss": 0.5}])
 
-    again = submit(grid=grid, engine=engine, app=app)
+    again = submit(grid=grid(), engine=engine, app=app)
     assert (again.new, again.skipped_done, again.requeued) == (0, 2, 2)
     # The running run, the unsent one and 6 queued ones are left as they are.
     assert again.already_queued == 8
@@ -146,24 +165,24 @@ def test_resubmitting_skips_done_keeps_in_flight_and_requeues_failed_runs(
         assert conn.execute(select(func.count()).select_from(metrics)).scalar() == 0
 
     # Nothing is left to do: no new row, no new message.
-    third = submit(grid=grid, engine=engine, app=app)
+    third = submit(grid=grid(), engine=engine, app=app)
     assert (third.new, third.requeued, third.published, third.skipped_done) == (0, 0, 0, 2)
     assert client.llen(QUEUE) == 3
 
-    forced = submit(grid=grid, engine=engine, app=app, force=True)
+    forced = submit(grid=grid(), engine=engine, app=app, force=True)
     assert (forced.forced, forced.new, forced.published) == (2, 0, 2)
     assert len(rows(engine)) == 14 and client.llen(QUEUE) == 5
 
 
 def test_a_config_done_in_another_experiment_is_skipped(
-    engine: Engine, redis_url: str, tmp_path: Path
+    engine: Engine, redis_url: str, tmp_path: Path, lazy: bool
 ) -> None:
     app = app_for(redis_url, tmp_path)
     first = submit(grid=make_grid(SMALL), engine=engine, app=app)
     with engine.begin() as conn:
         conn.execute(update(Run.__table__).values(status=RunStatus.succeeded))
     wider = {**SMALL, "name": "wider", "seeds": 3}  # seed 2 is new: 12 more runs
-    report = submit(grid=make_grid(wider), engine=engine, app=app)
+    report = submit(grid=make_grid(wider, lazy=lazy), engine=engine, app=app)
     assert report.created and report.experiment_id != first.experiment_id
     assert (report.total, report.skipped_done, report.new, report.published) == (36, 24, 12, 12)
     new_rows = [r for r in rows(engine) if r.experiment_id == report.experiment_id]
@@ -202,6 +221,55 @@ def test_the_embedded_queue_gets_one_message_file_per_run(
     messages = [json.loads(f.read_text()) for f in files]
     assert {m["headers"]["task"] for m in messages} == {TRAIN_TASK}
     assert sorted(task_args(m)[0] for m in messages) == sorted(report.run_ids)
+
+
+def test_a_grid_stored_as_it_is_expanded_gets_the_rows_of_one_expanded_first(
+    engine: Engine, redis_url: str, tmp_path: Path, lazy: bool
+) -> None:
+    # The same configs stored twice: first from a grid expanded whole, then (every run
+    # done, --force) from the grid under test. Every column but the ids, the experiment
+    # and the times is the same.
+    app = app_for(redis_url, tmp_path)
+    submit(grid=make_grid(SMALL), engine=engine, app=app)
+    with engine.begin() as conn:
+        conn.execute(update(Run.__table__).values(status=RunStatus.succeeded))
+    grid = make_grid({**SMALL, "name": "again"}, lazy=lazy)
+    assert grid.expanded is not lazy
+    report = submit(grid=grid, engine=engine, app=app, force=True)
+    assert (report.total, report.forced, report.new, report.published) == (24, 24, 0, 24)
+    assert grid.expanded and [r.config_hash for r in grid.runs] == [
+        r.config_hash for r in make_grid(SMALL).runs
+    ]
+    skip = {"id", "experiment_id", "created_at", "status", "published", "published_at"}
+    stored = rows(engine)
+    first, second = stored[:24], stored[24:]
+    assert [r.id for r in second] == sorted(report.run_ids)
+    for a, b in zip(first, second, strict=True):
+        assert {k: v for k, v in a._mapping.items() if k not in skip} == {
+            k: v for k, v in b._mapping.items() if k not in skip
+        }
+
+
+def test_a_grid_whose_expansion_fails_at_its_end_writes_nothing(
+    engine: Engine, redis_url: str, tmp_path: Path, lazy: bool
+) -> None:
+    # Every run excluded: known only once the whole product is walked, so a grid
+    # expanded as it is stored fails inside the store's transaction, which writes nothing.
+    data = {**SMALL, "exclude": [{"dataset": "moons"}, {"dataset": "xor"}]}
+    app = app_for(redis_url, tmp_path)
+    if not lazy:
+        with pytest.raises(GridError, match="every run is excluded; nothing to submit"):
+            make_grid(data)
+        return
+    grid = make_grid(data, lazy=True)
+    with pytest.raises(GridError, match="every run is excluded; nothing to submit"):
+        submit(grid=grid, engine=engine, app=app)
+    with pytest.raises(GridError, match="every run is excluded"):  # and again, not an empty grid
+        grid.runs  # noqa: B018
+    assert rows(engine) == []
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(Experiment)).scalar() == 0
+    assert redis.Redis.from_url(redis_url).llen(QUEUE) == 0
 
 
 def test_an_unreachable_broker_fails_before_anything_is_written(
@@ -262,15 +330,14 @@ def test_a_broker_dying_midway_leaves_unsent_runs_queued_and_they_are_sent_exact
 
 
 def test_two_submits_of_one_grid_at_once_store_and_send_each_run_once(
-    store_url: str, redis_url: str, tmp_path: Path
+    store_url: str, redis_url: str, tmp_path: Path, lazy: bool
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
-
-    grid = make_grid(SMALL)
 
     def one() -> Any:
         engine = make_engine(store_url)
         try:
+            grid = make_grid(SMALL, lazy=lazy)
             return submit(grid=grid, engine=engine, app=app_for(redis_url, tmp_path))
         finally:
             engine.dispose()
