@@ -818,8 +818,6 @@ def _store_streaming(
     fresh: list[int] = []
     requeue: list[int] = []
     statement = f"COPY runs ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
-    if progress is not None:
-        progress("insert", 0, grid.upper)
     side = conn.engine.connect()
     try:
         with (
@@ -827,6 +825,8 @@ def _store_streaming(
             cur.copy(statement, writer=QueuedLibpqWriter(cur)) as copy,
         ):
             for chunk, texts in grid.stream(LOOKUP_CHUNK):
+                if progress is not None and not report.total:  # below the expansion's bar
+                    progress("insert", 0, grid.upper)
                 report.total += len(chunk)
                 existing = _existing(side, [r.config_hash for r in chunk])
                 new, again = _sort_out(chunk, existing, experiment_id, force, report)
