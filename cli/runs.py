@@ -195,7 +195,7 @@ def run(**options: Any) -> None:
         # Before any worker consumes: what a stopped local worker took with it is re-sent.
         _recover_embedded_queue(get_engine())
     from cli.interrupts import interrupts
-    from cli.launch import take
+    from cli.launch import collector_back_on, take
 
     workers: LocalWorkers | None = None
     reader: Engine | None = None
@@ -223,6 +223,7 @@ def run(**options: Any) -> None:
                     shutil.rmtree(settings.home, ignore_errors=True)
                 raise
             reader = read_engine()
+            collector_back_on()  # off since the command started (cli.launch.entry)
             if workers is not None:  # said once the grid is accepted: a bad grid gets one line
                 err_console.print(
                     f"{concurrency} local worker process(es); log: {workers.log_path}",
