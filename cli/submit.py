@@ -170,7 +170,9 @@ def submit(
             max_runs=settings.max_grid_runs,
             yes=yes,
             progress=bar,
-            lazy=not dry_run,
+            # Only PostgreSQL stores a grid as it is expanded (service.queue.enqueue);
+            # elsewhere a grid is expanded whole before the store is touched.
+            lazy=not dry_run and str(settings.database_url).startswith("postgresql"),
         )
         # A big grid is expanded while it is stored (Grid.stream): looked at after.
         expanded = grid.expanded

@@ -186,6 +186,19 @@ def test_a_big_grid_is_stored_as_it_is_expanded_and_one_that_ends_empty_writes_n
     assert counts(pg_store_url) == (1, 51_200)
 
 
+def test_a_big_grid_that_ends_empty_is_refused_on_sqlite_too(
+    sqlite_store_url: str, tmp_path: Path
+) -> None:
+    # SQLite stores no grid while it is expanded: the product is walked first, as ever.
+    (tmp_path / "empty.yaml").write_text(BIG + "exclude: [{dataset: moons}]\n")
+    env = environment(tmp_path, sqlite_store_url, None)
+    refused = mlpq("submit", "empty.yaml", "--yes", cwd=tmp_path, env=env)
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("mlpq:")]
+    assert errors == ["mlpq: empty.yaml: every run is excluded; nothing to submit"]
+    assert counts(sqlite_store_url) == (0, 0)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
