@@ -57,7 +57,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "task_time_limit": settings.task_time_limit,
-        "worker_prefetch_multiplier": 1,
+        # The embedded queue is a folder its workers poll: holding one message per
+        # process, a process that finished one waited for the next poll, 4-16 ms between
+        # two runs, idle. One more in hand closes the gap; one machine consumes that
+        # queue, and what a stopped worker held is sent again (see cli.runs). A broker
+        # shared by many workers keeps one, so none hoards what another could start.
+        "worker_prefetch_multiplier": 2 if settings.embedded_broker else 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_max_tasks_per_child": settings.worker_max_tasks_per_child,
         "worker_hijack_root_logger": False,
