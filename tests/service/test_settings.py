@@ -68,3 +68,18 @@ def test_cli_prints_bad_setting_as_one_line_and_exits_2(tmp_path) -> None:
         "mlpq: MLPQ_BROKER_URL: expected a URL starting with one of redis://, rediss://, amqp://, "
         "pyamqp://, filesystem://; got 'kafka://x'"
     ]
+
+
+def test_workers_hold_two_messages_each_only_on_the_embedded_queue(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.queue.app import celery_config
+
+    monkeypatch.delenv("MLPQ_BROKER_URL", raising=False)
+    embedded = celery_config(load_settings(home=tmp_path))
+    shared = celery_config(load_settings(home=tmp_path, broker_url="redis://127.0.0.1:6379/0"))
+    # The folder is polled: a second message in hand saves each run a wait for the poll.
+    assert embedded["worker_prefetch_multiplier"] == 2
+    # Many workers share a broker: none holds what another could start.
+    assert shared["worker_prefetch_multiplier"] == 1
+    assert embedded["task_acks_late"] and shared["task_acks_late"]
