@@ -14,6 +14,7 @@ import redis
 from sqlalchemy import Engine, update
 
 from service.queue import QUEUE, feed, make_app, pending_ids
+from service.queue.packing import MIN_MESSAGES
 from service.queue.window import DEFAULT_WINDOW, RUNNING_FACTOR, feed_lock, window_size
 from service.settings import load_settings
 from service.store import Run, RunStatus, make_engine
@@ -93,7 +94,9 @@ def test_the_last_runs_of_the_queue_are_spread_over_many_messages(
     client = redis.Redis.from_url(redis_url)
     assert feed(app, engine) == 64
     packs = message_runs(client)
-    assert len(packs) == 32 and [i for p in packs for i in p] == ids
+    # Spread instead over MIN_MESSAGES packs of equal runs (16 of 4 runs, 0.12 s each).
+    assert len(packs) == MIN_MESSAGES and [i for p in packs for i in p] == ids
+    assert {len(p) for p in packs} == {64 // MIN_MESSAGES}
     client.close()
 
 
