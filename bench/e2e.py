@@ -89,6 +89,18 @@ def configs(g: dict[str, Any]) -> list[tuple[tuple[int, ...], float, int]]:
     return [(tuple(h), lr, s) for h in g["hidden"] for lr in g["lr"] for s in range(g["seeds"])]
 
 
+def timed_command(
+    what: str, argv: list[str], env: dict[str, str], cwd: Path | None = None
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``argv`` as a command of its own: its result and wall seconds, prompt to prompt."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc, wall
+
+
 # -- (a) mlpq run ---------------------------------------------------------------------------
 
 
@@ -96,17 +108,9 @@ def run_mlpq(name: str, g: dict[str, Any], env: dict[str, str]) -> dict[str, flo
     work = Path(tempfile.mkdtemp(prefix="mlpq-e2e-"))
     try:
         (work / "grid.json").write_text(grid_yaml(name, g))
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [*MLPQ, "run", "grid.json", "--concurrency", "2"],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
+        _, wall = timed_command(
+            "mlpq run", [*MLPQ, "run", "grid.json", "--concurrency", "2"], env, work
         )
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"mlpq run failed ({proc.returncode}): {proc.stderr[-2000:]}")
         from sqlalchemy import create_engine, text
 
         url = env.get("MLPQ_DATABASE_URL") or f"sqlite:///{work / '.mlpq' / 'mlpq.db'}"
@@ -190,16 +194,8 @@ def _train_one(
 
 def run_joblib(g: dict[str, Any], env: dict[str, str]) -> dict[str, float]:
     """The joblib loop as its own command, timed from the prompt to the prompt."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--joblib-loop", json.dumps(g)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"joblib loop failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    argv = [sys.executable, str(Path(__file__).resolve()), "--joblib-loop", json.dumps(g)]
+    proc, wall = timed_command("joblib loop", argv, env)
     inside = json.loads(proc.stdout.strip().splitlines()[-1])
     return {**inside, "loop": inside["wall"], "wall": wall}
 
