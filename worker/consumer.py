@@ -16,8 +16,9 @@
   that arrived on the connection that dropped (its task finished meanwhile): kombu
   looks for that connection's details to reach Redis, and they are gone. Raised in
   the event loop, it stopped the consumer for good: the worker took no more
-  messages ("Requeuing undeliverable message ... No consumers"; seen twice in 56
-  runs of ``test_a_redis_restart_without_persistence_mid_window_still_finishes_the_grid``).
+  messages ("Requeuing undeliverable message ... No consumers"; seen once, likely
+  twice, in 56 runs of
+  ``test_a_redis_restart_without_persistence_mid_window_still_finishes_the_grid``).
   An acknowledgement logs the errors it is given and raises the others; this one is
   now among those it logs. Such an acknowledgement is moot anyway: the Redis that
   held the message restarted without it, or, if only the connection dropped, the
