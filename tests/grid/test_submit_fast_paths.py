@@ -195,7 +195,9 @@ def test_rows_written_fast_store_what_run_row_rows_store(store_engine: Engine) -
 
 
 @pytest.mark.postgres
-@given(st.lists(st.text(alphabet=st.characters(exclude_characters="\x00")), max_size=8))
+@given(
+    st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00")), max_size=8)
+)
 @settings(
     max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
