@@ -252,3 +252,46 @@ def test_dedupe_lookups_are_planned_for_each_chunk_never_once_for_any_array(
         assert [generic for generic, _ in plans if generic] == []
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_dedupe_lookups_read_the_hash_index_on_a_store_without_statistics(
+    pg_store_url: str,
+) -> None:
+    # A store's first grid: ``runs`` was never analyzed, and PostgreSQL would take
+    # ANY(thousands of hashes) to match every row and scan the whole table, which a
+    # grid stored while it is expanded does once per chunk, over its own rows.
+    from service.queue import enqueue
+    from service.store import make_engine
+
+    runs = _awkward_runs()
+    engine = make_engine(pg_store_url)
+    try:
+        with engine.begin() as conn:
+            exp = conn.execute(
+                insert(Experiment.__table__)
+                .values(name="e", spec={}, created_at=utcnow())
+                .returning(Experiment.__table__.c.id)
+            ).scalar_one()
+            _insert_runs(conn, exp, runs, utcnow(), None)
+        absent = [f"{i:064x}" for i in range(5000)]
+        with engine.begin() as conn:
+            assert conn.execute(
+                text(
+                    "SELECT last_analyze, last_autoanalyze FROM pg_stat_user_tables "
+                    "WHERE relid = CAST('runs' AS regclass)"
+                )
+            ).one() == (None, None)
+            found = enqueue._existing(conn, [runs[0].config_hash, *absent])
+            seq, idx = conn.execute(
+                text(
+                    "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables "
+                    "WHERE relid = CAST('runs' AS regclass)"
+                )
+            ).one()
+            setting = conn.execute(text("SHOW enable_seqscan")).scalar_one()
+        assert list(found) == [runs[0].config_hash]
+        assert seq == 0 and idx > 0  # idx_scan counts each hash looked up in the index
+        assert setting == "on"  # the rest of the transaction plans as it did
+    finally:
+        engine.dispose()
