@@ -3,8 +3,9 @@
 - ``fast_canonical_json`` and the JSON ``block_configs`` puts together from pieces
   equal ``canonical_json`` (``json.dumps`` with sorted keys), so config hashes stay
   those of earlier submits;
-- the rows ``_insert_runs`` writes (COPY text on PostgreSQL, tuples on SQLite) store
-  what ``run_row`` rows inserted by SQLAlchemy store;
+- the rows ``_insert_runs`` writes (binary COPY on PostgreSQL, tuples on SQLite)
+  store what ``run_row`` rows inserted by SQLAlchemy store, and the binary rows
+  are encoded as the columns' types in the migrated store;
 - the hash lookup's array literal reads back as the list it was made of.
 """
 
@@ -23,7 +24,13 @@ from sqlalchemy import Engine, insert, select, text
 from service.grids import TIME_LIMIT_KEY, config_hash, expand_grid, parse_grid
 from service.grids.canonical import canonical_json, fast_canonical_json
 from service.grids.loader import RunSpec
-from service.queue.enqueue import _insert_runs, _pg_text_array, run_row
+from service.queue.enqueue import (
+    _BINARY_TYPES,
+    _COPY_COLUMNS,
+    _insert_runs,
+    _pg_text_array,
+    run_row,
+)
 from service.store import Experiment, Run, utcnow
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -132,7 +139,7 @@ def test_the_first_hash_of_the_benchmark_grid_is_the_one_earlier_submits_stored(
 
 
 def _awkward_runs() -> list[RunSpec]:
-    """Runs whose values test the COPY text escaping and the memo of shared values."""
+    """Runs whose values test the encoding of text and the memo of shared values."""
     base = expand(GRIDS[1]).runs[:4] + expand(GRIDS[2]).runs[:4]
     runs = list(base)
     template = dict(base[0].config)
@@ -192,6 +199,28 @@ def test_rows_written_fast_store_what_run_row_rows_store(store_engine: Engine) -
             {"e": fast},
         ).scalars()
         assert list(texts) == [canonical_json(run.config) for run in runs]
+
+
+@pytest.mark.postgres
+def test_binary_rows_encode_each_column_as_its_type_in_the_store(pg_store_url: str) -> None:
+    from service.store import make_engine
+
+    # json and enums are sent as their text in binary COPY, like text and varchar.
+    as_sent = {"varchar": "text", "json": "text", "runstatus": "text"}
+    engine = make_engine(pg_store_url)
+    try:
+        with engine.connect() as conn:
+            types = dict(
+                conn.execute(
+                    text(
+                        "SELECT column_name, udt_name FROM information_schema.columns "
+                        "WHERE table_schema = current_schema() AND table_name = 'runs'"
+                    )
+                ).all()
+            )
+    finally:
+        engine.dispose()
+    assert [as_sent.get(types[c], types[c]) for c in _COPY_COLUMNS] == list(_BINARY_TYPES)
 
 
 @pytest.mark.postgres
