@@ -36,8 +36,11 @@ _PG_LOCK_KEY = 0x6D6C7071  # "mlpq"
 
 
 #: Indexes written by hand in the migrations, per store: the window's partial indexes
-#: (revision 0004) and dedupe's, a hash index on PostgreSQL (0005).
-HAND_WRITTEN_INDEXES = frozenset({"ix_runs_unsent", "ix_runs_in_broker", "ix_runs_config_hash"})
+#: (revision 0004), dedupe's, a hash index on PostgreSQL (0005), and the reaper's
+#: partial index on running runs (0006).
+HAND_WRITTEN_INDEXES = frozenset(
+    {"ix_runs_unsent", "ix_runs_in_broker", "ix_runs_config_hash", "ix_runs_running_heartbeat"}
+)
 
 
 def include_object(

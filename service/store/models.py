@@ -86,10 +86,10 @@ class Run(Base):
     __tablename__ = "runs"
     __table_args__ = (
         Index("ix_runs_experiment_status", "experiment_id", "status"),
-        Index("ix_runs_status_heartbeat", "status", "heartbeat_at"),
         # Written by hand in the migrations: ix_runs_config_hash (a btree, a hash index on
-        # PostgreSQL since 0005) and the window's partial indexes ix_runs_unsent and
-        # ix_runs_in_broker (0004). Declared here, their postgresql_using and
+        # PostgreSQL since 0005), the window's partial indexes ix_runs_unsent and
+        # ix_runs_in_broker (0004) and the reaper's ix_runs_running_heartbeat (0006,
+        # heartbeat_at of running runs only). Declared here, their postgresql_using and
         # postgresql_where would import SQLAlchemy's PostgreSQL dialect into every
         # process, a SQLite one too.
     )

@@ -71,8 +71,6 @@ CREATE INDEX ix_runs_config_hash ON runs (config_hash);
 
 CREATE INDEX ix_runs_experiment_status ON runs (experiment_id, status);
 
-CREATE INDEX ix_runs_status_heartbeat ON runs (status, heartbeat_at);
-
 CREATE TABLE artifacts (
 	run_id INTEGER NOT NULL, 
 	kind VARCHAR(16) NOT NULL, 
@@ -208,4 +206,6 @@ CREATE INDEX ix_runs_unsent ON runs (id) WHERE status = 'queued' AND NOT publish
 
 CREATE INDEX ix_runs_in_broker ON runs (published_at) WHERE status = 'queued' AND published;
 
-INSERT INTO alembic_version (version_num) VALUES ('0005');
+CREATE INDEX ix_runs_running_heartbeat ON runs (heartbeat_at) WHERE status = 'running';
+
+INSERT INTO alembic_version (version_num) VALUES ('0006');

@@ -60,10 +60,10 @@ def test_downgrade_to_base_then_upgrade_round_trips(store_engine: Engine) -> Non
 def test_schema_comparison_notices_a_missing_index(store_engine: Engine) -> None:
     # Guards the two tests above: the comparison must be able to see a drift.
     with store_engine.begin() as conn:
-        conn.execute(text("DROP INDEX ix_runs_status_heartbeat"))
+        conn.execute(text("DROP INDEX ix_runs_experiment_status"))
     diff = schema_diff(store_engine)
     assert [d[0] for d in diff] == ["add_index"]
-    assert diff[0][1].name == "ix_runs_status_heartbeat"
+    assert diff[0][1].name == "ix_runs_experiment_status"
 
 
 def test_the_hand_written_indexes_exist_and_dedupe_looks_hashes_up_by_hash(
