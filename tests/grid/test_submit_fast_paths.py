@@ -324,3 +324,29 @@ def test_dedupe_lookups_read_the_hash_index_on_a_store_without_statistics(
         assert setting == "on"  # the rest of the transaction plans as it did
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_binary_rows_are_encoded_in_the_connections_client_encoding(pg_store_url: str) -> None:
+    from service.store import make_engine
+
+    template = dict(expand(GRIDS[1]).runs[0].config)
+    config = {**template, "dataset": "müde Daten, naïve", "seed": 7}
+    run = RunSpec(config, config_hash(config), 0)
+    engine = make_engine(pg_store_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SET client_encoding TO 'LATIN1'")
+            exp = conn.execute(
+                insert(Experiment.__table__)
+                .values(name="latin", spec={}, created_at=utcnow())
+                .returning(Experiment.__table__.c.id)
+            ).scalar_one()
+            (run_id,) = _insert_runs(conn, exp, [run], utcnow(), None)
+        with engine.connect() as conn:
+            stored = conn.execute(
+                text("SELECT dataset, config FROM runs WHERE id = :id"), {"id": run_id}
+            ).one()
+    finally:
+        engine.dispose()
+    assert stored == ("müde Daten, naïve", config)
