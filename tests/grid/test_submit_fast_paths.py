@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, insert, select, text
+from sqlalchemy import Connection, Engine, insert, select, text
 
 from service.grids import TIME_LIMIT_KEY, config_hash, expand_grid, parse_grid
 from service.grids.canonical import canonical_json, fast_canonical_json
@@ -158,6 +158,16 @@ def _awkward_runs() -> list[RunSpec]:
     return runs
 
 
+def _new_experiment_runs(conn: Connection, name: str, runs: list[RunSpec]) -> list[int]:
+    """A new experiment ``name`` with ``runs`` stored by ``_insert_runs``; their ids."""
+    experiment = conn.execute(
+        insert(Experiment.__table__)
+        .values(name=name, spec={}, created_at=utcnow())
+        .returning(Experiment.__table__.c.id)
+    ).scalar_one()
+    return _insert_runs(conn, experiment, runs, utcnow(), None)
+
+
 def _stored(engine: Engine, experiment_id: int) -> list[dict[str, Any]]:
     table = Run.__table__
     skip = {"id", "experiment_id"}
@@ -261,12 +271,7 @@ def test_dedupe_lookups_are_planned_for_each_chunk_never_once_for_any_array(
     engine = make_engine(pg_store_url)
     try:
         with engine.begin() as conn:
-            exp = conn.execute(
-                insert(Experiment.__table__)
-                .values(name="e", spec={}, created_at=utcnow())
-                .returning(Experiment.__table__.c.id)
-            ).scalar_one()
-            _insert_runs(conn, exp, runs, utcnow(), None)
+            _new_experiment_runs(conn, "e", runs)
         hashes = [run.config_hash for run in runs]
         assert len(hashes) >= 15
         with engine.begin() as conn:
@@ -297,12 +302,7 @@ def test_dedupe_lookups_read_the_hash_index_on_a_store_without_statistics(
     engine = make_engine(pg_store_url)
     try:
         with engine.begin() as conn:
-            exp = conn.execute(
-                insert(Experiment.__table__)
-                .values(name="e", spec={}, created_at=utcnow())
-                .returning(Experiment.__table__.c.id)
-            ).scalar_one()
-            _insert_runs(conn, exp, runs, utcnow(), None)
+            _new_experiment_runs(conn, "e", runs)
         absent = [f"{i:064x}" for i in range(5000)]
         with engine.begin() as conn:
             assert conn.execute(
@@ -337,12 +337,7 @@ def test_binary_rows_are_encoded_in_the_connections_client_encoding(pg_store_url
     try:
         with engine.begin() as conn:
             conn.exec_driver_sql("SET client_encoding TO 'LATIN1'")
-            exp = conn.execute(
-                insert(Experiment.__table__)
-                .values(name="latin", spec={}, created_at=utcnow())
-                .returning(Experiment.__table__.c.id)
-            ).scalar_one()
-            (run_id,) = _insert_runs(conn, exp, [run], utcnow(), None)
+            (run_id,) = _new_experiment_runs(conn, "latin", [run])
         with engine.connect() as conn:
             stored = conn.execute(
                 text("SELECT dataset, config FROM runs WHERE id = :id"), {"id": run_id}
